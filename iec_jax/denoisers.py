@@ -1,0 +1,200 @@
+"""The denoiser protocol, prediction-type adapters and classifier-free guidance.
+
+Two kinds of denoisers plug into :func:`iec_jax.sample`:
+
+* a plain function ``eps_fn(x, t) -> eps``, where ``t`` is an int32 array of shape
+  (batch,);
+* a stateful :class:`Denoiser` (feature caches, per-step quantizer tables, DEC
+  corrections): ``denoiser(x, t, step, state) -> (eps, state)`` with
+  ``denoiser.init_state(x_T)``. ``step`` is the sampling-step index (0 for the first,
+  noisiest step), an int32 scalar; index everything per step by it, never by call counts.
+  The state is an explicit pytree that the sampler threads through its scan carry.
+
+Within one sampling step the sampler calls the denoiser once for the ordinary DDIM step
+and once per IEC correction. Every call of step i receives the state that entered step i
+and the same ``step`` (so quantizer tables stay at step i). The state carried to step
+i + 1 is the output of the last evaluation (the official code's cache overwrite), or of
+the first with ``IECConfig(keep_first_pass_state=True)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iec_jax.schedule import NoiseSchedule
+
+__all__ = [
+    "Denoiser",
+    "StatefulDenoiser",
+    "FunctionDenoiser",
+    "as_denoiser",
+    "from_x0_prediction",
+    "from_v_prediction",
+    "classifier_free_guidance",
+    "map_eps",
+]
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+State = Any
+
+
+class Denoiser(abc.ABC):
+    """Base class of stateful denoisers. Subclasses implement ``__call__``."""
+
+    def init_state(self, x_T: jax.Array) -> State:
+        """The state entering the first sampling step."""
+        del x_T
+        return ()
+
+    @abc.abstractmethod
+    def __call__(self, x, t, step, state):
+        """``(x, t, step, state) -> (eps, state)``."""
+
+    def select_state(self, keep_new: jax.Array, new: State, old: State) -> State:
+        """Per-sample merge used by per-sample IEC convergence.
+
+        ``keep_new`` is a bool array of shape (batch,). The default treats the state as
+        shared by the whole batch and keeps ``new``; denoisers whose state has per-sample
+        entries (e.g. cached features) select them with ``keep_new``.
+        """
+        del keep_new, old
+        return new
+
+    def full_pass_mask(self, num_steps: int) -> Optional[np.ndarray]:
+        """Bool array: which sampling steps run the full network (None: all of them)."""
+        del num_steps
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionDenoiser(Denoiser):
+    """A plain ``eps_fn(x, t)`` seen through the stateful protocol (state ``()``)."""
+
+    eps_fn: EpsFn
+
+    def __call__(self, x, t, step, state):
+        del step
+        return self.eps_fn(x, t), state
+
+
+@dataclasses.dataclass(frozen=True)
+class StatefulDenoiser(Denoiser):
+    """A stateful denoiser assembled from functions.
+
+    Attributes:
+      apply_fn: ``(x, t, step, state) -> (eps, state)``.
+      init_fn: ``x_T -> state``.
+      select_fn: optional ``(keep_new, new, old) -> state`` (see ``Denoiser.select_state``).
+      full_pass: optional ``num_steps -> bool array`` naming the full-compute steps.
+    """
+
+    apply_fn: Callable
+    init_fn: Callable = lambda x_T: ()
+    select_fn: Optional[Callable] = None
+    full_pass: Optional[Callable[[int], np.ndarray]] = None
+
+    def __call__(self, x, t, step, state):
+        return self.apply_fn(x, t, step, state)
+
+    def init_state(self, x_T):
+        return self.init_fn(x_T)
+
+    def select_state(self, keep_new, new, old):
+        if self.select_fn is None:
+            return new
+        return self.select_fn(keep_new, new, old)
+
+    def full_pass_mask(self, num_steps):
+        return None if self.full_pass is None else np.asarray(self.full_pass(num_steps), bool)
+
+
+def as_denoiser(fn) -> Denoiser:
+    """Wrap a plain ``eps_fn(x, t)`` as a :class:`Denoiser`; pass denoisers through."""
+    if isinstance(fn, Denoiser):
+        return fn
+    if not callable(fn):
+        raise TypeError(f"eps_fn must be callable or a Denoiser, got {type(fn).__name__}")
+    return FunctionDenoiser(fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MappedDenoiser(Denoiser):
+    inner: Denoiser
+    fn: Callable  # (x, t, out) -> eps
+
+    def __call__(self, x, t, step, state):
+        out, state = self.inner(x, t, step, state)
+        return self.fn(x, t, out), state
+
+    def init_state(self, x_T):
+        return self.inner.init_state(x_T)
+
+    def select_state(self, keep_new, new, old):
+        return self.inner.select_state(keep_new, new, old)
+
+    def full_pass_mask(self, num_steps):
+        return self.inner.full_pass_mask(num_steps)
+
+
+def map_eps(fn, out_to_eps: Callable):
+    """Post-process a model's output into ε: ``out_to_eps(x, t, out) -> eps``.
+
+    Works on plain functions (returns a plain function) and on :class:`Denoiser`s
+    (returns a Denoiser with the same state handling).
+    """
+    if isinstance(fn, Denoiser):
+        return _MappedDenoiser(fn, out_to_eps)
+    return lambda x, t: out_to_eps(x, t, fn(x, t))
+
+
+def _alpha_lookup(schedule: NoiseSchedule, x, t):
+    ac = jnp.asarray(schedule.alphas_cumprod, dtype=x.dtype)
+    a = ac[t].reshape((-1,) + (1,) * (x.ndim - 1))
+    return a
+
+
+def from_x0_prediction(x0_fn, schedule: NoiseSchedule):
+    """ε from an x0-predicting model: ε = (x_t - sqrt(ᾱ) x̂0) / sqrt(1 - ᾱ)."""
+
+    def to_eps(x, t, x0):
+        a = _alpha_lookup(schedule, x, t)
+        return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+    return map_eps(x0_fn, to_eps)
+
+
+def from_v_prediction(v_fn, schedule: NoiseSchedule):
+    """ε from a v-predicting model: ε = sqrt(ᾱ) v + sqrt(1 - ᾱ) x_t."""
+
+    def to_eps(x, t, v):
+        a = _alpha_lookup(schedule, x, t)
+        return jnp.sqrt(a) * v + jnp.sqrt(1 - a) * x
+
+    return map_eps(v_fn, to_eps)
+
+
+def classifier_free_guidance(model_fn, cond, uncond, scale: float) -> EpsFn:
+    """ε = ε_u + w (ε_c - ε_u), one batched call on [x, x] with [uncond, cond].
+
+    ``model_fn(x, t, c) -> eps``; ``cond`` and ``uncond`` have a leading batch axis equal
+    to x's. Each call is one network evaluation at batch 2B (as in the LDM code).
+    """
+
+    def eps_fn(x, t):
+        b = x.shape[0]
+        for name, c in (("cond", cond), ("uncond", uncond)):
+            leaves = jax.tree_util.tree_leaves(c)
+            if any(leaf.shape[:1] != (b,) for leaf in leaves):
+                raise ValueError(f"classifier_free_guidance: {name} must have batch size {b}")
+        c_in = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), c_in)
+        e_u, e_c = out[:b], out[b:]
+        return e_u + scale * (e_c - e_u)
+
+    return eps_fn

@@ -1,0 +1,45 @@
+"""iec_jax: Test-Time Iterative Error Correction (IEC) for efficient diffusion models, in JAX.
+
+Versions are pinned: they are the ones measured to install and pass the tests on
+Python 3.11 (see README, "Environment").
+"""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "chex==0.1.92",
+    "ml_collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "scipy==1.17.1",
+    "matplotlib==3.11.2",
+    "tqdm==4.70.1",
+]
+
+EXTRAS = {
+    # PyTorch is only needed to convert checkpoints and to run the reference tests.
+    # torch==2.13.0 exactly: it is the CPU wheel on this project's machines; any other
+    # specifier pulls a multi-GB CUDA build. Never add torchvision (breaks diffusers).
+    "torch": [
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "safetensors==0.8.0",
+    ],
+}
+EXTRAS["test"] = EXTRAS["torch"] + [
+    "pytest==9.2.0",
+]
+
+setuptools.setup(
+    name="iec_jax",
+    version="0.1.0",
+    description="Test-Time Iterative Error Correction for efficient diffusion models, in JAX/Flax.",
+    packages=setuptools.find_packages(include=["iec_jax", "iec_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
