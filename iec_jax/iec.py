@@ -176,10 +176,11 @@ class IECConfig:
     def from_config(cls, config: Mapping[str, Any]) -> Optional["IECConfig"]:
         """Build from a config mapping (e.g. an ml_collections ConfigDict).
 
-        ``preset`` names a preset (or ``"none"``/None: IEC off); every other key overrides
-        a field. Unknown keys raise.
+        ``preset`` names a preset (or ``"none"``/None: IEC off); every other key that is
+        not None overrides a field (None keeps the preset's value). Unknown keys raise.
         """
         opts = dict(config.items() if hasattr(config, "items") else config)
+        opts = {k: v for k, v in opts.items() if v is not None}  # unset: keep the preset's
         name = opts.pop("preset", None)
         if name in (None, "none", ""):
             if opts:

@@ -1,0 +1,29 @@
+"""Shared config pieces. Table and study configs import these and override what differs."""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def iec_config(preset: str = "official_ddpm") -> ml_collections.ConfigDict:
+    """IEC options: a preset (official_ddpm | official_ldm | paper | none) and typed
+    placeholders for every field, so that any field can be overridden on the command
+    line of a locked config (``--config.iec.steps=head_tail --config.iec.fraction=0.1``).
+    Unset (None) fields keep the preset's value (see ``IECConfig.from_config``)."""
+    return ml_collections.ConfigDict(
+        dict(
+            preset=preset,
+            step_sizes=placeholder(tuple),
+            num_corrections=placeholder(int),  # preset=paper only
+            step_size=placeholder(float),  # preset=paper only
+            tolerance=placeholder(float),
+            tolerance_norm=placeholder(str),
+            tolerance_check=placeholder(str),
+            convergence=placeholder(str),
+            steps=placeholder(str),
+            fraction=placeholder(float),
+            first_k=placeholder(int),
+            mask=placeholder(tuple),
+            full_compute_only=placeholder(bool),
+            keep_first_pass_state=placeholder(bool),
+        )
+    )

@@ -1,0 +1,61 @@
+"""The experiment entry points run end to end on their smoke configurations."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs.oracle import propagation as propagation_config
+from iec_jax.run import propagation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_propagation_study_smoke(tmp_path):
+    config = propagation_config.get_config("smoke")
+    out = propagation.run(config, str(tmp_path))
+    for name in ("errors.csv", "summary.csv", "spectral.csv", "propagation.png", "config.json",
+                 "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["perturbation"] for r in rows] == ["scale:1.05", "bias:0.02", "quantize:0.05",
+                                                 "stale_cache:10"]
+    for r in rows:
+        assert np.isfinite(float(r["delta0_eff"])) and float(r["delta0_eff"]) > 0
+        assert int(r["nfe_ref"]) == 20
+    # The stale cache refreshes at 2 of 20 steps; official_ddpm corrects only those.
+    assert int(rows[-1]["nfe_eff_iec"]) == 22
+    with open(tmp_path / "errors.csv") as f:
+        assert sum(1 for _ in csv.DictReader(f)) == 4 * 4 * 21
+    assert out["profile"]["propagation"].shape == (20, 8)
+
+
+def test_propagation_rejects_bad_options():
+    config = propagation_config.get_config("smoke")
+    config.perturbations = ("jitter:1",)
+    with pytest.raises(ValueError, match="perturbations entries look like 'kind:value'"):
+        propagation.run(config, "/nonexistent")
+    with pytest.raises(ValueError, match="unknown config variant"):
+        propagation_config.get_config("huge")
+
+
+def test_propagation_command_line_locks_the_config(tmp_path):
+    """A misspelled override fails (lock_config=True); a valid one runs."""
+    cmd = [sys.executable, "-m", "experiments.propagation",
+           "--config", "configs/oracle/propagation.py:smoke", "--workdir", str(tmp_path)]
+    bad = subprocess.run(cmd + ["--config.iec.tolerence=1e-3"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "tolerence" in bad.stderr
+    ok = subprocess.run(cmd + ["--config.iec.preset=paper", "--config.iec.num_corrections=2",
+                               "--config.iec.steps=head_tail", "--config.iec.fraction=0.1"],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "eff+IEC" in ok.stdout and (tmp_path / "propagation.png").exists()
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    # ±1/10 of 20 steps = steps 0, 1, 18, 19, two corrections each.
+    assert int(rows[0]["nfe_eff_iec"]) == 20 + 4 * 2
