@@ -18,6 +18,11 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
+    "pillow==13.0.0",
+    # Data through TFDS without TensorFlow (array_record files, NumPy decoding).
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources==7.1.0",
+    "array_record==0.8.6",
 ]
 
 EXTRAS = {
