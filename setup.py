@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "jaxlib==0.10.2",
     "flax==0.12.8",
     "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
     "chex==0.1.92",
     "ml_collections==1.1.0",
     "absl-py==2.5.1",

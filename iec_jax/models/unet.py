@@ -1,0 +1,865 @@
+"""A Flax Linen UNet equal to diffusers' ``UNet2DModel`` (DDPM layout), with DeepCache
+partial passes.
+
+Covered configurations: google/ddpm-cifar10-32 (the DDPM CIFAR-10 UNet, 35.7M
+parameters; ``UNetConfig.ddpm_cifar10()``), the project's reference checkpoint
+``../shared/models/fmnist-ddpm`` (2.24M parameters) and every other ``UNet2DModel`` config
+built from the same parts (see :class:`UNetConfig` for the accepted options; anything else
+raises a ValueError naming the field).
+
+Module names mirror diffusers' state-dict keys with ``.<i>`` list indices written
+``_<i>``, so conversion is a rename plus a layout change per tensor
+(:mod:`iec_jax.models.convert`)::
+
+    diffusers key                                  Flax parameter path
+    time_embedding.linear_1.weight                 time_embedding/linear_1/kernel
+    conv_in.weight                                 conv_in/kernel
+    down_blocks.0.resnets.0.conv1.weight           down_blocks_0/resnets_0/conv1/kernel
+    down_blocks.1.attentions.0.to_q.weight         down_blocks_1/attentions_0/to_q/kernel
+    down_blocks.0.downsamplers.0.conv.weight       down_blocks_0/downsamplers_0/conv/kernel
+    mid_block.attentions.0.to_out.0.weight         mid_block/attentions_0/to_out_0/kernel
+    up_blocks.2.resnets.2.conv_shortcut.weight     up_blocks_2/resnets_2/conv_shortcut/kernel
+    up_blocks.2.upsamplers.0.conv.weight           up_blocks_2/upsamplers_0/conv/kernel
+    conv_norm_out.weight                           conv_norm_out/scale
+    conv_out.weight                                conv_out/kernel
+
+In the original DDPM / pytorch_diffusion layout (the official IEC code) the same modules
+are ``temb.dense.{0,1}``, ``down.<i>.block.<j>``, ``down.<i>.attn.<j>``,
+``down.<i>.downsample``, ``mid.block_1/attn_1/block_2``, ``up.<L-1-i>.block.<j>``,
+``up.<L-1-i>.attn.<j>``, ``up.<L-1-i>.upsample``, ``norm_out``: the up path is indexed in
+reverse (pytorch_diffusion's ``up[3]`` runs first and is diffusers' ``up_blocks[0]``).
+
+Calling convention: ``UNet(config).apply(params, x, t)`` with ``x`` (b, h, w, c) NHWC
+float and ``t`` int32 (b,) returns ε (b, h, w, out_channels) in ``x``'s dtype.
+``train=True`` enables dropout (needs ``rngs={'dropout': key}``); inference is
+deterministic. ``UNet(config, dtype=jnp.bfloat16)`` computes in bfloat16 with float32
+parameters (GroupNorm statistics and the attention softmax stay in float32).
+On GPU, float32 convolutions may run in TF32 under JAX's default precision; wrap calls in
+``jax.default_matmul_precision("highest")`` for comparisons at float32 accuracy.
+
+DeepCache partial passes (PAPER.md §6.2). A *cache point* ``CachePoint(up_block,
+resnet)`` names the feature entering ``up_blocks[up_block].resnets[resnet]``, before it
+is concatenated with its skip connection. A full pass with ``return_feature=True``
+returns ``(eps, feature)``; a partial pass ``cached_feature=feature`` runs the time
+embedding, only the down-path layers that produce the skip connections the remaining
+up path consumes, and the up path from the cache point on (mid block and deeper layers
+are skipped). With the feature of a full pass at the same input it returns the full
+pass's ε. The default :data:`DEEPCACHE_DDPM_CACHE_POINT` is DeepCache's DDPM CIFAR-10
+setting (see there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iec_jax.models.layers import Conv2d, Dense, MatMul, Softmax
+
+__all__ = [
+    "UNetConfig",
+    "UNet",
+    "CachePoint",
+    "DEEPCACHE_DDPM_CACHE_POINT",
+    "cache_point_from_deepcache_branch",
+    "num_skips_needed",
+    "validate_cache_point",
+    "cached_feature_shape",
+    "timestep_embedding",
+    "count_params",
+    "DIFFUSERS_DEFAULTS",
+]
+
+Dtype = Any
+
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+
+# UNet2DModel.__init__ defaults in diffusers 0.42.1: from_diffusers fills keys missing from
+# an (older) config.json with these, as diffusers itself does (tests check the table).
+DIFFUSERS_DEFAULTS: Mapping[str, Any] = {
+    "sample_size": None,
+    "in_channels": 3,
+    "out_channels": 3,
+    "center_input_sample": False,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    "block_out_channels": (224, 448, 672, 896),
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "downsample_padding": 1,
+    "downsample_type": "conv",
+    "upsample_type": "conv",
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+    "attn_norm_num_groups": None,
+    "norm_eps": 1e-5,
+    "resnet_time_scale_shift": "default",
+    "add_attention": True,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "num_train_timesteps": None,
+}
+
+# diffusers options this implementation supports with one value only: (accepted values,
+# what the value means). Anything else raises a ValueError naming the option.
+_FIXED_OPTIONS: Mapping[str, tuple[tuple[Any, ...], str]] = {
+    "time_embedding_type": (("positional",), "sinusoidal timestep embedding"),
+    "mid_block_type": (("UNetMidBlock2D",), "resnet-attention-resnet middle block"),
+    "downsample_type": (("conv",), "strided 3x3 conv downsampling"),
+    "upsample_type": (("conv",), "nearest x2 + 3x3 conv upsampling"),
+    "act_fn": (("silu", "swish"), "SiLU activations"),
+    "resnet_time_scale_shift": (("default",), "additive time embedding in resnets"),
+    "add_attention": ((True,), "attention in the middle block"),
+    "class_embed_type": ((None,), "no class conditioning"),
+    "num_class_embeds": ((None,), "no class conditioning"),
+    "num_train_timesteps": ((None,), "only used by 'learned' time embeddings"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a diffusers ``UNet2DModel`` (field names as in its config.json).
+
+    Defaults are google/ddpm-cifar10-32 (the DDPM CIFAR-10 UNet: ch 128, ch_mult
+    (1, 2, 2, 2), 2 res blocks, attention at 16×16, GroupNorm(32, eps 1e-6),
+    downsample padding 0 = pytorch_diffusion's asymmetric (0, 1, 0, 1) pad, timestep
+    embedding without flip and with freq_shift 1, dropout 0.1 in training).
+
+    Attributes:
+      sample_size: training resolution (int or (h, w)); metadata only, the network
+        accepts any size divisible by 2 ** (levels - 1).
+      in_channels, out_channels: image channels in and out.
+      center_input_sample: map inputs x -> 2x - 1 first.
+      time_embedding_dim: width of the time embedding (None: 4 * block_out_channels[0]).
+      freq_shift, flip_sin_to_cos: sinusoidal embedding options (diffusers
+        ``get_timestep_embedding``'s downscale_freq_shift and flip_sin_to_cos).
+      down_block_types: per level, "DownBlock2D" or "AttnDownBlock2D".
+      up_block_types: per level from the deepest, "UpBlock2D" or "AttnUpBlock2D".
+      block_out_channels: channels per level (shallowest first).
+      layers_per_block: resnets per down block (up blocks have one more).
+      mid_block_scale_factor: the middle block's residual output scale (divisor).
+      downsample_padding: 0 = pad (0, 1, 0, 1) then a stride-2 conv without padding
+        (DDPM); p > 0 = symmetric padding p.
+      dropout: resnet dropout rate, active only with ``train=True``.
+      attention_head_dim: channels per attention head (None: one head).
+      norm_num_groups: GroupNorm groups everywhere except the mid-block attention if
+        attn_norm_num_groups is set.
+      attn_norm_num_groups: GroupNorm groups of the mid-block attention (None: as above).
+      norm_eps: GroupNorm epsilon.
+    """
+
+    sample_size: Any = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    center_input_sample: bool = False
+    time_embedding_dim: Optional[int] = None
+    freq_shift: int = 1
+    flip_sin_to_cos: bool = False
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D")
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    block_out_channels: tuple[int, ...] = (128, 256, 256, 256)
+    layers_per_block: int = 2
+    mid_block_scale_factor: float = 1.0
+    downsample_padding: int = 0
+    dropout: float = 0.1
+    attention_head_dim: Optional[int] = None
+    norm_num_groups: int = 32
+    attn_norm_num_groups: Optional[int] = None
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"UNetConfig.{field}: {msg}")
+
+        for name in ("down_block_types", "up_block_types", "block_out_channels"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)) or not isinstance(value, Sequence):
+                fail(name, f"must be a sequence, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if isinstance(self.sample_size, (list, tuple)):
+            object.__setattr__(self, "sample_size", tuple(int(s) for s in self.sample_size))
+        object.__setattr__(self, "mid_block_scale_factor", float(self.mid_block_scale_factor))
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        object.__setattr__(self, "dropout", float(self.dropout))
+
+        levels = len(self.block_out_channels)
+        if levels < 1:
+            fail("block_out_channels", "needs at least one level")
+        for name in ("down_block_types", "up_block_types"):
+            if len(getattr(self, name)) != levels:
+                fail(name, f"has {len(getattr(self, name))} entries, block_out_channels has {levels}")
+        for name, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
+            bad = [b for b in getattr(self, name) if b not in allowed]
+            if bad:
+                fail(name, f"unsupported block type(s) {bad}; supported: {allowed}")
+        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+                fail(name, f"must be a positive integer, got {value!r}")
+        if not isinstance(self.downsample_padding, (int, np.integer)) or self.downsample_padding < 0:
+            fail("downsample_padding", f"must be an integer >= 0, got {self.downsample_padding!r}")
+        if not isinstance(self.freq_shift, (int, np.integer)):
+            fail("freq_shift", f"must be an integer, got {self.freq_shift!r}")
+        if self.block_out_channels[0] // 2 - self.freq_shift == 0:
+            fail("freq_shift", "equals half the embedding width (division by zero)")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", f"must lie in [0, 1), got {self.dropout}")
+        if not self.norm_eps > 0:
+            fail("norm_eps", f"must be > 0, got {self.norm_eps}")
+        if not self.mid_block_scale_factor > 0:
+            fail("mid_block_scale_factor", f"must be > 0, got {self.mid_block_scale_factor}")
+        if self.time_embedding_dim is not None and self.time_embedding_dim < 1:
+            fail("time_embedding_dim", f"must be a positive integer or None, got {self.time_embedding_dim!r}")
+        for c in self.block_out_channels:
+            if c % self.norm_num_groups:
+                fail("norm_num_groups", f"{self.norm_num_groups} does not divide {c} channels")
+        if self.attn_norm_num_groups is not None and self.block_out_channels[-1] % self.attn_norm_num_groups:
+            fail(
+                "attn_norm_num_groups",
+                f"{self.attn_norm_num_groups} does not divide {self.block_out_channels[-1]} channels",
+            )
+        if self.attention_head_dim is not None:
+            attn_channels = {self.block_out_channels[-1]}
+            attn_channels |= {c for c, b in zip(self.block_out_channels, self.down_block_types) if b == "AttnDownBlock2D"}
+            attn_channels |= {
+                c for c, b in zip(self.block_out_channels[::-1], self.up_block_types) if b == "AttnUpBlock2D"
+            }
+            bad = sorted(c for c in attn_channels if c % self.attention_head_dim)
+            if self.attention_head_dim < 1 or bad:
+                fail("attention_head_dim", f"{self.attention_head_dim} does not divide attention widths {bad}")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_levels(self) -> int:
+        return len(self.block_out_channels)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+    def attention_heads(self, channels: int) -> int:
+        """Heads of an attention layer of this width (diffusers: channels // head_dim)."""
+        return 1 if self.attention_head_dim is None else channels // self.attention_head_dim
+
+    # ----------------------------------------------------------- constructors
+    @classmethod
+    def ddpm_cifar10(cls) -> "UNetConfig":
+        """google/ddpm-cifar10-32 = the original DDPM CIFAR-10 model (``model-790000.ckpt``)."""
+        return cls()
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
+        """From a diffusers ``UNet2DModel`` config.json dict.
+
+        Keys starting with ``_`` (``_class_name``, ``_diffusers_version``, ...) are
+        metadata; ``_class_name``, if present, must be ``UNet2DModel``. Missing keys take
+        diffusers' defaults (:data:`DIFFUSERS_DEFAULTS`). Unknown keys and unsupported
+        values raise a ValueError naming the key.
+        """
+        class_name = config.get("_class_name", "UNet2DModel")
+        if class_name != "UNet2DModel":
+            raise ValueError(f"_class_name: expected 'UNet2DModel', got {class_name!r}")
+        opts = {k: v for k, v in config.items() if not k.startswith("_")}
+        unknown = sorted(set(opts) - set(DIFFUSERS_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown UNet2DModel config key(s) {unknown}")
+        opts = {**DIFFUSERS_DEFAULTS, **opts}
+        for key, (allowed, meaning) in _FIXED_OPTIONS.items():
+            value = opts.pop(key)
+            if value not in allowed or (isinstance(value, bool) != isinstance(allowed[0], bool)):
+                raise ValueError(
+                    f"{key}={value!r} is not supported; this UNet implements {key} in"
+                    f" {list(allowed)} ({meaning})"
+                )
+        return cls(**opts)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The equivalent diffusers config dict (``UNet2DModel(**cfg)`` builds the same net)."""
+        cfg = {key: allowed[0] for key, (allowed, _) in _FIXED_OPTIONS.items()}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            cfg[f.name] = list(value) if isinstance(value, tuple) else value
+        return cfg
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of this config's fields (round-trips through ``from_json_dict``)."""
+        return {
+            f.name: list(getattr(self, f.name)) if isinstance(getattr(self, f.name), tuple) else getattr(self, f.name)
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig field(s) {unknown}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------- cache points
+class CachePoint(NamedTuple):
+    """The feature entering ``up_blocks[up_block].resnets[resnet]`` (diffusers naming),
+    before its concatenation with the skip connection."""
+
+    up_block: int
+    resnet: int
+
+
+# DeepCache's DDPM setting (``--branch 2``, used by the official IEC/CacheQuant CIFAR-10
+# scripts) caches the input ``h`` of ``up[1].block[2]`` in the pytorch_diffusion layout
+# (``features.append(h)`` just before ``torch.cat([h, hs.pop()])``, deepcache_diffusion.py).
+# pytorch_diffusion numbers the up path by resolution level, ``up[i_level]`` with the
+# deepest level (3) run first, so ``up[1]`` is diffusers' ``up_blocks[4 - 1 - 1] =
+# up_blocks[2]`` (16×16, the attention level), and ``block[2]`` is ``resnets[2]``, its last
+# resnet: the cached feature is the 256-channel output of ``up_blocks[2].attentions[1]``
+# (for CIFAR-10; 64 channels for fmnist-ddpm), concatenated with the skip from
+# ``down_blocks[0].downsamplers[0]``. The partial pass then needs only conv_in and
+# down_blocks[0] (two resnets and the downsampler), as DeepCache's own partial path does.
+DEEPCACHE_DDPM_CACHE_POINT = CachePoint(up_block=2, resnet=2)
+
+
+def cache_point_from_deepcache_branch(branch: int, config: UNetConfig) -> CachePoint:
+    """DeepCache's DDPM ``--branch`` number (``set_cache_para``) as a :class:`CachePoint`.
+
+    DeepCache splits ``branch`` into ``(select_layer, select_block) = divmod(branch,
+    layers_per_block + 1)`` (it writes ``//3``, ``%3`` for 2 res blocks): the partial pass
+    keeps the down path up to ``down[select_layer].block[select_block]`` (up to its
+    downsampler when select_block = layers_per_block) and caches the input of the up-path
+    resnet that consumes the last kept skip: ``up[select_layer + 1].block[layers_per_block]``
+    when select_block = layers_per_block, otherwise
+    ``up[select_layer].block[layers_per_block - 1 - select_block]`` (pytorch_diffusion
+    up-index; diffusers' up block is ``levels - 1 - up index``). Branch 2 is
+    :data:`DEEPCACHE_DDPM_CACHE_POINT`.
+    """
+    per_level = config.layers_per_block + 1
+    select_layer, select_block = divmod(int(branch), per_level)
+    if select_block == config.layers_per_block:
+        up_layer, up_block_resnet = select_layer + 1, config.layers_per_block
+    else:
+        up_layer, up_block_resnet = select_layer, config.layers_per_block - 1 - select_block
+    if branch < 0 or up_layer >= config.num_levels:
+        raise ValueError(f"DeepCache branch {branch} does not exist for {config.num_levels} levels")
+    return validate_cache_point(config, CachePoint(config.num_levels - 1 - up_layer, up_block_resnet))
+
+
+def validate_cache_point(config: UNetConfig, cache_point) -> CachePoint:
+    try:
+        up_block, resnet = (int(i) for i in cache_point)
+    except (TypeError, ValueError):
+        raise ValueError(f"cache_point must be (up_block, resnet), got {cache_point!r}") from None
+    if not 0 <= up_block < config.num_levels or not 0 <= resnet <= config.layers_per_block:
+        raise ValueError(
+            f"cache_point {tuple(cache_point)} does not exist: up_block in [0, {config.num_levels - 1}],"
+            f" resnet in [0, {config.layers_per_block}]"
+        )
+    return CachePoint(up_block, resnet)
+
+
+def num_skips_needed(config: UNetConfig, cache_point) -> int:
+    """How many skip tensors (in down-path order: conv_in output, then every down-block
+    resnet/attention output and downsampler output) the up path consumes from
+    ``cache_point`` on. A partial pass computes exactly these."""
+    cp = validate_cache_point(config, cache_point)
+    per_block = config.layers_per_block + 1
+    return (config.num_levels - cp.up_block) * per_block - cp.resnet
+
+
+def cached_feature_shape(config: UNetConfig, cache_point, image_shape) -> tuple[int, int, int, int]:
+    """Shape (b, h, w, c) of the feature at ``cache_point`` for inputs of ``image_shape``."""
+    cp = validate_cache_point(config, cache_point)
+    b, height, width = image_shape[:3]
+    factor = 2 ** (config.num_levels - 1 - cp.up_block)
+    reversed_channels = config.block_out_channels[::-1]
+    if cp.resnet > 0:
+        channels = reversed_channels[cp.up_block]
+    else:
+        channels = reversed_channels[max(cp.up_block - 1, 0)]
+    return (b, height // factor, width // factor, channels)
+
+
+# ------------------------------------------------------------------- time embedding
+def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: int) -> jax.Array:
+    """Sinusoidal embedding (b,) -> (b, dim) float32, diffusers ``get_timestep_embedding``.
+
+    Frequencies exp(-ln(10000) k / (dim/2 - freq_shift)), k < dim/2; features
+    [sin | cos] ([cos | sin] if flipped), zero-padded for odd ``dim``. The exponent is
+    rounded to float32 as torch computes it, and the frequency table is correctly rounded
+    (NumPy, float64 exp), which is what torch's float32 exp gives here.
+    """
+    half = dim // 2
+    exponent = np.arange(half, dtype=np.float32) * np.float32(-math.log(10000.0))
+    exponent = exponent / np.float32(half - freq_shift)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.asarray(freqs)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """diffusers ``TimestepEmbedding``: linear_1 -> SiLU -> linear_2 (DDPM ``temb.dense``)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.linear_1 = Dense(self.features, dtype=self.dtype)
+        self.linear_2 = Dense(self.features, dtype=self.dtype)
+
+    def __call__(self, emb):
+        return self.linear_2(nn.silu(self.linear_1(emb)))
+
+
+# ------------------------------------------------------------------------- blocks
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D`` (time_embedding_norm "default"), DDPM ``ResnetBlock``.
+
+    h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb)); h = conv2(dropout(silu(norm2(h))));
+    out = (shortcut(x) + h) / output_scale_factor, shortcut = 1×1 ``conv_shortcut`` (DDPM
+    ``nin_shortcut``) when the channel count changes.
+
+    ``input_split`` is set on up-path resnets, whose input is [up-path ‖ skip]: it is the
+    up-path channel count and is passed to ``conv1`` and ``conv_shortcut``.
+    """
+
+    in_channels: int
+    out_channels: int
+    groups: int
+    eps: float
+    dropout: float
+    output_scale_factor: float = 1.0
+    input_split: Optional[int] = None
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        norm = dict(num_groups=self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False)
+        self.norm1 = nn.GroupNorm(**norm)
+        self.conv1 = Conv2d(self.out_channels, 3, padding=1, input_split=self.input_split, dtype=self.dtype)
+        self.time_emb_proj = Dense(self.out_channels, dtype=self.dtype)
+        self.norm2 = nn.GroupNorm(**norm)
+        self.dropout_layer = nn.Dropout(self.dropout)
+        self.conv2 = Conv2d(self.out_channels, 3, padding=1, dtype=self.dtype)
+        if self.in_channels != self.out_channels:
+            self.conv_shortcut = Conv2d(
+                self.out_channels, 1, padding=0, input_split=self.input_split, dtype=self.dtype
+            )
+
+    def __call__(self, x, temb, *, train: bool = False):
+        if x.shape[-1] != self.in_channels:
+            raise ValueError(f"{self.name}: expected {self.in_channels} input channels, got {x.shape[-1]}")
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        h = nn.silu(self.norm2(h))
+        h = self.dropout_layer(h, deterministic=not train)
+        h = self.conv2(h)
+        shortcut = self.conv_shortcut(x) if self.in_channels != self.out_channels else x
+        return (shortcut + h) / self.output_scale_factor
+
+
+class Attention(nn.Module):
+    """diffusers ``Attention`` as built by the UNet2D blocks (``_from_deprecated_attn_block``):
+    ``group_norm`` -> ``to_q``/``to_k``/``to_v`` -> softmax(q kᵀ / sqrt(d)) v -> ``to_out.0``,
+    plus the residual, divided by ``rescale_output_factor``. DDPM ``AttnBlock``: norm,
+    q, k, v, proj_out (1×1 convs). The scale is applied after ``matmul_qk`` as in the
+    official (quantized) code, so the matmul sees q and k themselves.
+    """
+
+    channels: int
+    heads: int
+    groups: int
+    eps: float
+    rescale_output_factor: float = 1.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.group_norm = nn.GroupNorm(
+            num_groups=self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False
+        )
+        self.to_q = Dense(self.channels, dtype=self.dtype)
+        self.to_k = Dense(self.channels, dtype=self.dtype)
+        self.to_v = Dense(self.channels, dtype=self.dtype)
+        self.to_out = [Dense(self.channels, dtype=self.dtype)]
+        self.matmul_qk = MatMul(dtype=self.dtype)
+        self.softmax = Softmax()
+        self.matmul_av = MatMul(dtype=self.dtype)
+
+    def __call__(self, x):
+        b, height, width, c = x.shape
+        head_dim = c // self.heads
+        y = self.group_norm(x).reshape(b, height * width, c)
+
+        def split_heads(z):  # (b, n, c) -> (b, heads, n, d)
+            return z.reshape(b, height * width, self.heads, head_dim).transpose(0, 2, 1, 3)
+
+        q, k, v = split_heads(self.to_q(y)), split_heads(self.to_k(y)), split_heads(self.to_v(y))
+        scores = self.matmul_qk(q, k.transpose(0, 1, 3, 2)) * (head_dim**-0.5)
+        probs = self.softmax(scores)
+        out = self.matmul_av(probs, v)  # (b, heads, n, d)
+        out = out.transpose(0, 2, 1, 3).reshape(b, height * width, c)
+        out = self.to_out[0](out).reshape(b, height, width, c)
+        return (out + x) / self.rescale_output_factor
+
+
+class Downsample2D(nn.Module):
+    """diffusers ``Downsample2D`` (use_conv): stride-2 3×3 ``conv``. ``padding == 0`` pads
+    (0, 1, 0, 1) with zeros first, as DDPM's ``Downsample`` (the pad stays outside the
+    conv, so an input quantizer sees the same tensor as in PyTorch)."""
+
+    channels: int
+    padding: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.conv = Conv2d(self.channels, 3, stride=2, padding=self.padding, dtype=self.dtype)
+
+    def __call__(self, x):
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """diffusers ``Upsample2D`` (use_conv): nearest ×2, then 3×3 ``conv``."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.conv = Conv2d(self.channels, 3, padding=1, dtype=self.dtype)
+
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)
+
+
+class DownBlock(nn.Module):
+    """diffusers ``DownBlock2D`` (``with_attention=False``) / ``AttnDownBlock2D``.
+
+    Returns ``(h, outputs)``: every resnet(+attention) output and the downsampler output,
+    the skip connections of the up path. ``num_outputs`` stops after that many outputs
+    (DeepCache partial passes compute only the skips they need).
+    """
+
+    in_channels: int
+    out_channels: int
+    num_layers: int
+    with_attention: bool
+    add_downsample: bool
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.resnets = [
+            ResnetBlock2D(
+                self.in_channels if i == 0 else self.out_channels,
+                self.out_channels,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                cfg.dropout,
+                dtype=self.dtype,
+            )
+            for i in range(self.num_layers)
+        ]
+        if self.with_attention:
+            self.attentions = [
+                Attention(
+                    self.out_channels,
+                    cfg.attention_heads(self.out_channels),
+                    cfg.norm_num_groups,
+                    cfg.norm_eps,
+                    dtype=self.dtype,
+                )
+                for _ in range(self.num_layers)
+            ]
+        if self.add_downsample:
+            self.downsamplers = [Downsample2D(self.out_channels, cfg.downsample_padding, dtype=self.dtype)]
+
+    def __call__(self, h, temb, *, train: bool = False, num_outputs: Optional[int] = None):
+        total = self.num_layers + int(self.add_downsample)
+        num_outputs = total if num_outputs is None else min(num_outputs, total)
+        outputs = []
+        for i in range(min(num_outputs, self.num_layers)):
+            h = self.resnets[i](h, temb, train=train)
+            if self.with_attention:
+                h = self.attentions[i](h)
+            outputs.append(h)
+        if len(outputs) < num_outputs:
+            h = self.downsamplers[0](h)
+            outputs.append(h)
+        return h, tuple(outputs)
+
+
+class UpBlock(nn.Module):
+    """diffusers ``UpBlock2D`` (``with_attention=False``) / ``AttnUpBlock2D``.
+
+    Resnet ``j`` takes [h ‖ skip]: ``skips[-1]`` is consumed first (as diffusers'
+    ``res_hidden_states_tuple[-1]``). ``start`` skips the first resnets (a partial pass
+    resuming at a cache point); ``capture`` returns the feature entering resnet
+    ``capture`` (before the concatenation) as the second output, else None.
+
+    Channels: resnet j's up-path input is ``prev_output_channel`` for j = 0 and
+    ``out_channels`` after; its skip has ``out_channels`` channels except the last one,
+    which has ``in_channels`` (the next shallower level's width).
+    """
+
+    in_channels: int
+    prev_output_channel: int
+    out_channels: int
+    num_layers: int
+    with_attention: bool
+    add_upsample: bool
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+
+    def _widths(self, j):
+        up = self.prev_output_channel if j == 0 else self.out_channels
+        skip = self.in_channels if j == self.num_layers - 1 else self.out_channels
+        return up, skip
+
+    def setup(self):
+        cfg = self.config
+        resnets = []
+        for j in range(self.num_layers):
+            up, skip = self._widths(j)
+            resnets.append(
+                ResnetBlock2D(
+                    up + skip,
+                    self.out_channels,
+                    cfg.norm_num_groups,
+                    cfg.norm_eps,
+                    cfg.dropout,
+                    input_split=up,
+                    dtype=self.dtype,
+                )
+            )
+        self.resnets = resnets
+        if self.with_attention:
+            self.attentions = [
+                Attention(
+                    self.out_channels,
+                    cfg.attention_heads(self.out_channels),
+                    cfg.norm_num_groups,
+                    cfg.norm_eps,
+                    dtype=self.dtype,
+                )
+                for _ in range(self.num_layers)
+            ]
+        if self.add_upsample:
+            self.upsamplers = [Upsample2D(self.out_channels, dtype=self.dtype)]
+
+    def __call__(self, h, skips, temb, *, train: bool = False, start: int = 0, capture: Optional[int] = None):
+        if len(skips) != self.num_layers - start:
+            raise ValueError(f"{self.name}: expected {self.num_layers - start} skips, got {len(skips)}")
+        skips = list(skips)
+        captured = None
+        for j in range(start, self.num_layers):
+            if j == capture:
+                captured = h
+            h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = self.resnets[j](h, temb, train=train)
+            if self.with_attention:
+                h = self.attentions[j](h)
+        if self.add_upsample:
+            h = self.upsamplers[0](h)
+        return h, captured
+
+
+class UNetMidBlock2D(nn.Module):
+    """diffusers ``UNetMidBlock2D`` (DDPM ``mid.block_1``, ``mid.attn_1``, ``mid.block_2``)."""
+
+    channels: int
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        scale = cfg.mid_block_scale_factor
+        groups = cfg.norm_num_groups
+        self.resnets = [
+            ResnetBlock2D(self.channels, self.channels, groups, cfg.norm_eps, cfg.dropout, scale, dtype=self.dtype)
+            for _ in range(2)
+        ]
+        self.attentions = [
+            Attention(
+                self.channels,
+                cfg.attention_heads(self.channels),
+                cfg.attn_norm_num_groups or groups,
+                cfg.norm_eps,
+                rescale_output_factor=scale,
+                dtype=self.dtype,
+            )
+        ]
+
+    def __call__(self, h, temb, *, train: bool = False):
+        h = self.resnets[0](h, temb, train=train)
+        h = self.attentions[0](h)
+        return self.resnets[1](h, temb, train=train)
+
+
+# --------------------------------------------------------------------------- UNet
+class UNet(nn.Module):
+    """diffusers ``UNet2DModel`` in Flax (see the module docstring for names and layout).
+
+    Attributes:
+      config: the architecture.
+      dtype: computation dtype (float32, or bfloat16 with float32 parameters).
+    """
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        ch = cfg.block_out_channels
+        levels = cfg.num_levels
+        self.time_embedding = TimestepEmbedding(cfg.time_embed_dim, dtype=self.dtype)
+        self.conv_in = Conv2d(ch[0], 3, padding=1, dtype=self.dtype)
+        self.down_blocks = [
+            DownBlock(
+                in_channels=ch[max(i - 1, 0)],
+                out_channels=ch[i],
+                num_layers=cfg.layers_per_block,
+                with_attention=cfg.down_block_types[i] == "AttnDownBlock2D",
+                add_downsample=i < levels - 1,
+                config=cfg,
+                dtype=self.dtype,
+            )
+            for i in range(levels)
+        ]
+        self.mid_block = UNetMidBlock2D(ch[-1], cfg, dtype=self.dtype)
+        rev = ch[::-1]
+        self.up_blocks = [
+            UpBlock(
+                in_channels=rev[min(i + 1, levels - 1)],
+                prev_output_channel=rev[max(i - 1, 0)],
+                out_channels=rev[i],
+                num_layers=cfg.layers_per_block + 1,
+                with_attention=cfg.up_block_types[i] == "AttnUpBlock2D",
+                add_upsample=i < levels - 1,
+                config=cfg,
+                dtype=self.dtype,
+            )
+            for i in range(levels)
+        ]
+        self.conv_norm_out = nn.GroupNorm(
+            num_groups=cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=self.dtype, use_fast_variance=False
+        )
+        self.conv_out = Conv2d(cfg.out_channels, 3, padding=1, dtype=self.dtype)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        *,
+        train: bool = False,
+        cache_point=DEEPCACHE_DDPM_CACHE_POINT,
+        cached_feature: Optional[jax.Array] = None,
+        return_feature: bool = False,
+    ):
+        """ε-prediction.
+
+        Args:
+          x: (b, h, w, in_channels) float, NHWC; h and w divisible by 2 ** (levels - 1).
+          t: int timesteps, shape (b,) (or a scalar, broadcast to the batch).
+          train: enable dropout (needs a 'dropout' rng).
+          cache_point: :class:`CachePoint` used by ``return_feature`` / ``cached_feature``.
+          cached_feature: run a DeepCache partial pass from this feature, of shape
+            ``cached_feature_shape(config, cache_point, x.shape)``.
+          return_feature: also return the feature entering the cache point (in the
+            computation dtype); for a partial pass that is ``cached_feature`` itself.
+
+        Returns:
+          ε of shape (b, h, w, out_channels) in x's dtype, or ``(ε, feature)``.
+        """
+        cfg = self.config
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"UNet: x must be (b, h, w, {cfg.in_channels}) NHWC, got shape {x.shape}")
+        factor = 2 ** (cfg.num_levels - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"UNet: height and width must be divisible by {factor}, got {x.shape[1:3]}")
+        t = jnp.asarray(t)
+        if t.ndim == 0:
+            t = jnp.broadcast_to(t, x.shape[:1])
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"UNet: t must have shape ({x.shape[0]},), got {t.shape}")
+        partial = cached_feature is not None
+        if partial or return_feature:
+            cache_point = validate_cache_point(cfg, cache_point)
+
+        temb = self.time_embedding(
+            timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        )
+        h = x.astype(self.dtype)
+        if cfg.center_input_sample:
+            h = 2 * h - 1.0
+
+        # Down path. skips = [conv_in, down-block outputs...] in production order.
+        needed = num_skips_needed(cfg, cache_point) if partial else None
+        h = self.conv_in(h)
+        skips = [h]
+        for block in self.down_blocks:
+            if partial and len(skips) >= needed:
+                break
+            h, outputs = block(h, temb, train=train, num_outputs=None if needed is None else needed - len(skips))
+            skips.extend(outputs)
+
+        feature = None
+        if partial:
+            expected = cached_feature_shape(cfg, cache_point, x.shape)
+            if tuple(cached_feature.shape) != expected:
+                raise ValueError(
+                    f"UNet: cached_feature for {cache_point} must have shape {expected}, got {cached_feature.shape}"
+                )
+            h = feature = cached_feature.astype(self.dtype)
+            first_block, first_resnet = cache_point
+        else:
+            h = self.mid_block(h, temb, train=train)
+            first_block, first_resnet = 0, 0
+
+        # Up path from (first_block, first_resnet): block i consumes its skips from the end.
+        for i in range(first_block, cfg.num_levels):
+            start = first_resnet if i == first_block else 0
+            n = cfg.layers_per_block + 1 - start
+            block_skips, skips = tuple(skips[-n:]), skips[:-n]
+            capture = cache_point.resnet if return_feature and not partial and i == cache_point.up_block else None
+            h, captured = self.up_blocks[i](h, block_skips, temb, train=train, start=start, capture=capture)
+            if captured is not None:
+                feature = captured
+        assert not skips, f"{len(skips)} skip connections left unused"
+
+        eps = self.conv_out(nn.silu(self.conv_norm_out(h))).astype(x.dtype)
+        return (eps, feature) if return_feature else eps
+
+    @nn.nowrap
+    def init_params(self, key: jax.Array, batch_size: int = 1) -> Any:
+        """Random parameters (PyTorch-default kernel init, zero biases), float32."""
+        size = self.config.sample_size
+        if size is None:
+            size = 2 ** (self.config.num_levels - 1)
+        height, width = (size, size) if isinstance(size, int) else size
+        x = jnp.zeros((batch_size, height, width, self.config.in_channels), jnp.float32)
+        t = jnp.zeros((batch_size,), jnp.int32)
+        return self.init(key, x, t)["params"]
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a pytree."""
+    return int(sum(np.prod(np.shape(p)) for p in jax.tree_util.tree_leaves(params)))
