@@ -141,6 +141,7 @@ def data_mesh(devices: Optional[Iterable] = None) -> jax.sharding.Mesh:
 def make_batch_sampler(
     eps_fn,
     *,
+    params=None,
     schedule: NoiseSchedule,
     timesteps,
     shape: tuple,
@@ -151,26 +152,35 @@ def make_batch_sampler(
 ) -> Callable[[np.ndarray], tuple[np.ndarray, dict]]:
     """A function ``indices -> (x_0 float32, info)`` for a batch of sample indices.
 
+    With ``params`` given, ``eps_fn(params)`` must return the denoiser: the parameters are
+    then an argument of the jitted function, replicated over the mesh, instead of
+    constants folded into the program (which would slow compilation of large models).
+
     The batch is sharded over ``mesh`` (default: all devices); its length must be a
     multiple of the mesh size. Everything from the keys to x_0 is one jitted call.
     """
     mesh = mesh or data_mesh()
     sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
     base = jax.random.key(seed)
 
-    def run(indices):
+    def run(p, indices):
+        den = eps_fn if params is None else eps_fn(p)
         keys = per_sample_keys(base, indices)
         x_T, skeys = initial_noise(keys, shape)
-        return sample(eps_fn, x_T, skeys, schedule=schedule, timesteps=timesteps, eta=eta, iec=iec)
+        return sample(den, x_T, skeys, schedule=schedule, timesteps=timesteps, eta=eta, iec=iec)
 
-    jitted = jax.jit(run, in_shardings=sharding)
+    jitted = jax.jit(run, in_shardings=(replicated, sharding))
+    placed = jax.device_put(params, replicated) if params is not None else None
 
     def call(indices):
         indices = np.asarray(indices, np.uint32)
         if len(indices) % mesh.size:
             raise ValueError(f"batch of {len(indices)} is not a multiple of {mesh.size} devices")
-        x0, info = jitted(jax.device_put(indices, sharding))
-        return x0, info
+        return jitted(placed, jax.device_put(indices, sharding))
+
+    call.jitted = jitted  # for cost analysis / lowering in benchmarks
+    call.placed_params = placed
 
     return call
 

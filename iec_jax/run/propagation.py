@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 import iec_jax
 from iec_jax import analysis, oracle
 from iec_jax.io import atomic_path, write_json, write_text
+from iec_jax.run.common import build_schedule
 
 RUNS = ("ref", "ref_iec", "eff", "eff_iec")
 ERRORS = {
@@ -36,17 +37,6 @@ ERRORS = {
     "ref_iec": ("ref_iec", "ref"),  # control: IEC applied to the exact denoiser
     "eff_iec_vs_ref_iec": ("eff_iec", "ref_iec"),  # efficiency error under the IEC sampler
 }
-
-
-def build_schedule(cfg) -> iec_jax.NoiseSchedule:
-    kind = cfg.kind
-    if kind == "linear":
-        return iec_jax.NoiseSchedule.linear(cfg.beta_start, cfg.beta_end, cfg.num_timesteps)
-    if kind == "scaled_linear":
-        return iec_jax.NoiseSchedule.scaled_linear(cfg.beta_start, cfg.beta_end, cfg.num_timesteps)
-    if kind == "cosine":
-        return iec_jax.NoiseSchedule.cosine(cfg.num_timesteps)
-    raise ValueError(f"schedule.kind must be linear, scaled_linear or cosine, got {kind!r}")
 
 
 def parse_perturbation(spec: str) -> tuple[str, float]:
@@ -270,4 +260,4 @@ def _plot(path, curves, profile, ts, config):
     plt.close(fig)
 
 
-__all__ = ["run", "frechet_distance", "parse_perturbation", "format_table", "build_schedule"]
+__all__ = ["run", "frechet_distance", "parse_perturbation", "format_table"]
