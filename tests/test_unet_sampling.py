@@ -61,3 +61,21 @@ def test_sample_command_smoke(tmp_path):
     assert again["shards_written"] == 0
     np.testing.assert_array_equal(
         pipeline.SampleShards(str(tmp_path / "samples"), 16, 16).load(), images)
+
+
+def test_bench_script_smoke(tmp_path):
+    """The benchmark runs end to end (timings are reported, never asserted)."""
+    from configs import bench as bench_config
+    from iec_jax.run import bench
+
+    config = bench_config.get_config("smoke")
+    config.model.source = str(SHARED)
+    report = bench.run(config, str(tmp_path))
+    names = [r["name"] for r in report["results"]]
+    assert names == ["jax float32", "jax float32 + IEC", "torch eager"]
+    iec = report["results"][1]
+    assert iec["nfe"] == 8 and iec["nfe_ratio_vs_plain"] == 2.0 and iec["wall_ratio_vs_plain"] > 0
+    assert report["flops_per_nfe"] > 1e8
+    # Same weights and x_T: PyTorch's samples equal ours to float32 drift.
+    assert report["difference_vs_jax_fp32"]["torch eager"]["max"] < 1e-3
+    assert (tmp_path / "bench.json").exists()
