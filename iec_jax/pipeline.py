@@ -110,6 +110,16 @@ class SampleShards:
     def missing(self) -> list[int]:
         return [k for k in range(self.num_shards) if not self.is_complete(k)]
 
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete temporary files a killed run left behind (``.samples_*.tmp``)."""
+        if not os.path.isdir(self.directory):
+            return []
+        stale = [n for n in os.listdir(self.directory)
+                 if n.startswith(".samples_") and n.endswith(".tmp")]
+        for name in stale:
+            os.remove(os.path.join(self.directory, name))
+        return stale
+
     def write(self, k: int, images: np.ndarray) -> None:
         idx = self.indices(k)
         if len(images) != len(idx):
@@ -202,6 +212,7 @@ def generate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shards.remove_stale_temporaries()
     todo = shards.missing()
     total = sum(len(shards.indices(k)) for k in todo)
     bar = tqdm(total=total, unit="img", desc="sampling", disable=not progress)

@@ -1,0 +1,260 @@
+"""Feature statistics and the Fréchet distance (FID on ``pool`` features, sFID on ``spatial``).
+
+:class:`FeatureStats` is a streaming float64 accumulator of the mean and covariance:
+update it batch by batch, merge accumulators from shards or hosts, save and load it as an
+.npz in guided-diffusion's format (``mu``, ``sigma``; ``mu_s``, ``sigma_s`` for the spatial
+features, plus the counts ``num``/``num_s`` that make saved statistics mergeable). The
+covariance is the unbiased one (``np.cov(x, rowvar=False)``, divisor N - 1), as the
+evaluator computes it.
+
+:func:`frechet_distance` follows the guided-diffusion evaluator (itself the TTUR code):
+``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))``; if ``sqrtm`` of the product is
+not finite, ``eps * I`` is added to both covariances and it is recomputed; a complex result
+whose diagonal has an imaginary part above 1e-3 raises, otherwise its real part is used.
+``method="eigh"`` is a faster, symmetric formulation of the same quantity for quick checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Literal, Optional
+
+import numpy as np
+from scipy import linalg
+
+from iec_jax.metrics._io import PathLike, atomic_savez
+
+__all__ = [
+    "FeatureStats",
+    "frechet_distance",
+    "save_statistics",
+    "load_statistics",
+]
+
+FrechetMethod = Literal["sqrtm", "eigh"]
+
+
+def _as_features(x) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"features must be a 2-D (num, dim) array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"features must be floating point, got dtype {x.dtype}")
+    return x.astype(np.float64, copy=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureStats:
+    """Mean and unbiased covariance of a set of feature vectors (float64).
+
+    Attributes:
+      num: the number of vectors, or None for statistics loaded without a count (e.g. a
+        guided-diffusion reference batch's ``mu``/``sigma``): those can be compared but
+        not merged or updated.
+      mu: (dim,) mean.
+      sigma: (dim, dim) covariance with divisor ``num - 1``; all zeros while num < 2 (the
+        covariance is undefined there, and :meth:`frechet_distance` refuses it).
+    """
+
+    num: Optional[int]
+    mu: np.ndarray
+    sigma: np.ndarray
+
+    def __post_init__(self):
+        mu = np.atleast_1d(np.asarray(self.mu, np.float64))
+        sigma = np.atleast_2d(np.asarray(self.sigma, np.float64))
+        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+            raise ValueError(f"need mu (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}")
+        if self.num is not None and int(self.num) < 0:
+            raise ValueError(f"num must be >= 0, got {self.num}")
+        object.__setattr__(self, "mu", mu)
+        object.__setattr__(self, "sigma", sigma)
+        object.__setattr__(self, "num", None if self.num is None else int(self.num))
+
+    # ------------------------------------------------------------- construction
+    @classmethod
+    def empty(cls, dim: int) -> "FeatureStats":
+        """No vectors yet."""
+        return cls(0, np.zeros(dim), np.zeros((dim, dim)))
+
+    @classmethod
+    def from_features(cls, features) -> "FeatureStats":
+        """Statistics of a (num, dim) array, computed in float64."""
+        x = _as_features(features)
+        n = x.shape[0]
+        mu = x.mean(axis=0) if n else np.zeros(x.shape[1])
+        centred = x - mu
+        m2 = centred.T @ centred
+        return cls(n, mu, m2 / (n - 1) if n >= 2 else np.zeros_like(m2))
+
+    @property
+    def dim(self) -> int:
+        return int(self.mu.size)
+
+    def _m2(self) -> np.ndarray:
+        """Sum of centred outer products, sigma * (num - 1)."""
+        if self.num is None:
+            raise ValueError(
+                "these statistics were loaded without a count (num): they cannot be merged "
+                "or updated, only compared"
+            )
+        return self.sigma * (self.num - 1) if self.num >= 2 else np.zeros_like(self.sigma)
+
+    # ----------------------------------------------------------------- updates
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """The statistics of the union of both sets (Chan et al.'s pairwise update)."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge statistics of dim {self.dim} and {other.dim}")
+        m2_a, m2_b = self._m2(), other._m2()
+        n_a, n_b = self.num, other.num
+        n = n_a + n_b
+        if n_b == 0:
+            return self
+        if n_a == 0:
+            return other
+        delta = other.mu - self.mu
+        mu = self.mu + delta * (n_b / n)
+        m2 = m2_a + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        return FeatureStats(n, mu, m2 / (n - 1) if n >= 2 else np.zeros_like(m2))
+
+    def update(self, features) -> "FeatureStats":
+        """These statistics with a (num, dim) batch of vectors added."""
+        return self.merge(FeatureStats.from_features(features))
+
+    # ----------------------------------------------------------------- compare
+    def frechet_distance(
+        self, other: "FeatureStats", eps: float = 1e-6, method: FrechetMethod = "sqrtm"
+    ) -> float:
+        """The Fréchet distance to ``other`` (FID for pool features, sFID for spatial);
+        see :func:`frechet_distance` for ``eps`` and ``method``."""
+        for s in (self, other):
+            if s.num is not None and s.num < 2:
+                raise ValueError(f"need at least 2 feature vectors for a covariance, got {s.num}")
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma, eps, method)
+
+    # --------------------------------------------------------------------- I/O
+    def to_arrays(self, suffix: str = "") -> dict[str, np.ndarray]:
+        """``{"mu"+suffix, "sigma"+suffix[, "num"+suffix]}`` (the evaluator's key names)."""
+        out = {f"mu{suffix}": self.mu, f"sigma{suffix}": self.sigma}
+        if self.num is not None:
+            out[f"num{suffix}"] = np.int64(self.num)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays, suffix: str = "") -> "FeatureStats":
+        """Inverse of :meth:`to_arrays` (``arrays`` may be an open ``np.load`` file)."""
+        keys = set(arrays.keys())
+        if f"mu{suffix}" not in keys or f"sigma{suffix}" not in keys:
+            raise KeyError(f"no 'mu{suffix}'/'sigma{suffix}' statistics among {sorted(keys)}")
+        num = int(arrays[f"num{suffix}"]) if f"num{suffix}" in keys else None
+        return cls(num, arrays[f"mu{suffix}"], arrays[f"sigma{suffix}"])
+
+    def save(self, path: PathLike) -> None:
+        """Writes ``mu``, ``sigma`` and ``num`` to an .npz, atomically."""
+        atomic_savez(path, **self.to_arrays())
+
+    @classmethod
+    def load(cls, path: PathLike, suffix: str = "") -> "FeatureStats":
+        """Reads ``mu{suffix}``/``sigma{suffix}`` (and ``num{suffix}`` if present)."""
+        with np.load(path, allow_pickle=False) as data:
+            return cls.from_arrays(data, suffix)
+
+
+def frechet_distance(
+    mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: FrechetMethod = "sqrtm"
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``method="sqrtm"`` (default) is the evaluator's computation: ``scipy.linalg.sqrtm`` of
+    ``sigma1 @ sigma2``; if that is not finite, ``eps`` is added to both diagonals (with a
+    warning) and it is recomputed; a complex square root whose diagonal's imaginary part
+    exceeds 1e-3 raises ``ValueError``, otherwise its real part is used.
+
+    ``method="eigh"`` computes the same trace for symmetric PSD covariances as
+    ``Σ sqrt(λ_i(S1^½ S2 S1^½))`` with symmetric eigendecompositions, restricted to the
+    numerical range of S1 (round-off eigenvalues dropped or clipped to 0). It is 5-20×
+    faster at d = 2048 (sqrtm of a singular product, e.g. from fewer samples than
+    dimensions, takes ~30 s on 2 CPU cores) and needs no ``eps``, but it is not the
+    evaluator's exact arithmetic: use it for quick checks, and ``"sqrtm"`` for numbers to
+    compare with published ones.
+
+    Inputs are promoted to float64.
+    """
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mean vectors have different lengths: {mu1.shape}, {mu2.shape}")
+    if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(
+            f"covariances must be ({mu1.size}, {mu1.size}), got {sigma1.shape} and {sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    base = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2))
+    if method == "eigh":
+        return base - 2.0 * _trace_sqrt_product_eigh(sigma1, sigma2)
+    if method != "sqrtm":
+        raise ValueError(f"method must be 'sqrtm' or 'eigh', got {method!r}")
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates"
+        )
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return base - 2.0 * float(np.trace(covmean))
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr sqrt(S1 S2) for symmetric PSD S1, S2, as Σ sqrt(eig(R^T S2 R)) with S1 = R R^T.
+
+    R = V_+ diag(sqrt(w_+)) spans S1's numerical range (eigenvalues above
+    ``d * eps * max(w)``; the rest are round-off), so the second eigenproblem is only
+    rank(S1) wide: cheap when the statistics come from fewer samples than dimensions.
+    """
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    keep = w > w.max(initial=0.0) * w.size * np.finfo(np.float64).eps
+    if not keep.any():
+        return 0.0
+    root = v[:, keep] * np.sqrt(w[keep])
+    m = root.T @ sigma2 @ root
+    return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None))))
+
+
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    # The evaluator passes disp=False (deprecated in SciPy 1.16): it only silences the
+    # singular-matrix message, as the filter here does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return linalg.sqrtm(a)
+
+
+def save_statistics(
+    path: PathLike, pool: FeatureStats, spatial: Optional[FeatureStats] = None, **extra
+) -> None:
+    """Writes guided-diffusion's statistics .npz: ``mu``, ``sigma`` and ``mu_s``, ``sigma_s``.
+
+    Counts go to ``num``/``num_s`` (the evaluator ignores them). ``extra`` arrays (e.g. a
+    reference batch's ``arr_0``) are stored beside them. Atomic.
+    """
+    arrays = dict(pool.to_arrays())
+    if spatial is not None:
+        arrays.update(spatial.to_arrays("_s"))
+    clash = set(arrays) & set(extra)
+    if clash:
+        raise ValueError(f"extra arrays clash with statistics keys: {sorted(clash)}")
+    atomic_savez(path, **arrays, **extra)
+
+
+def load_statistics(path: PathLike) -> tuple[FeatureStats, Optional[FeatureStats]]:
+    """Reads ``(pool, spatial)`` statistics; spatial is None if ``mu_s`` is absent."""
+    with np.load(path, allow_pickle=False) as data:
+        pool = FeatureStats.from_arrays(data)
+        spatial = FeatureStats.from_arrays(data, "_s") if "mu_s" in data.files else None
+    return pool, spatial
