@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
     elif arg == "cpu":
         c.num_steps = 20
         c.repeats = 2
+        c.dtypes = ("float32", "bfloat16")
     else:
         raise ValueError(f"unknown config variant {arg!r}; known: 'cpu', 'gpu', 'smoke'")
     return c

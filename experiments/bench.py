@@ -5,7 +5,10 @@
 
 import os
 
+from iec_jax.io import use_all_cpu_cores
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+use_all_cpu_cores()  # before JAX initialises: one host device per core
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

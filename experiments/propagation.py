@@ -4,6 +4,11 @@
       [--workdir runs/propagation] [--config.iec.preset=paper] ...
 """
 
+from iec_jax.io import use_all_cpu_cores
+
+use_all_cpu_cores()  # before JAX initialises: one host device per core
+
+
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -3,6 +3,11 @@
   python -m experiments.sample --config configs/fmnist/ddim.py --workdir runs/fmnist-ddim
 """
 
+from iec_jax.io import use_all_cpu_cores
+
+use_all_cpu_cores()  # before JAX initialises: one host device per core
+
+
 from absl import app, flags
 from ml_collections import config_flags
 

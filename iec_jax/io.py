@@ -47,3 +47,22 @@ def enable_compilation_cache(path: str | None = None) -> None:
     )
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def use_all_cpu_cores(num_devices: int | None = None) -> None:
+    """Expose each CPU core as a JAX host device (``--xla_force_host_platform_device_count``).
+
+    XLA:CPU spreads one convolution poorly over cores (measured on a 2-core Xeon: 1.18×
+    from 1 to 2 cores, PyTorch/oneDNN 1.7×), but runs the shards of a data-parallel
+    batch on separate devices concurrently. The samplers shard batches over
+    ``jax.devices()``, so this makes them use every core (the fmnist UNet at batch 64:
+    737 → 395 ms per evaluation). Samples do not depend on the device count.
+
+    Must run before JAX initialises its backends; it does nothing if XLA_FLAGS already
+    sets a device count. Accelerators are unaffected (the flag is for the host platform).
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    n = num_devices or len(os.sched_getaffinity(0))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()

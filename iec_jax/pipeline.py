@@ -203,17 +203,22 @@ def generate(
     postprocess: Callable[[np.ndarray], np.ndarray] = to_uint8,
     progress: bool = True,
     on_batch: Optional[Callable[[dict], None]] = None,
+    only: Optional[Iterable[int]] = None,
 ) -> list[int]:
     """Generate the missing shards with ``batch_fn`` (see :func:`make_batch_sampler`).
 
     Batches are consecutive index ranges of ``batch_size`` inside each shard; the last
     batch of a shard is padded (by repeating its last index) to keep one compiled shape.
+    ``only`` restricts the work to those shard numbers (e.g. one host's share).
     Returns the shards written.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shards.remove_stale_temporaries()
     todo = shards.missing()
+    if only is not None:
+        only = set(only)
+        todo = [k for k in todo if k in only]
     total = sum(len(shards.indices(k)) for k in todo)
     bar = tqdm(total=total, unit="img", desc="sampling", disable=not progress)
     for k in todo:

@@ -126,7 +126,9 @@ def test_random_diffusers_models_match(torch_models, name):
     x, t = _inputs(config, BATCH[name], seed=1)
     ours = eps_fn(params, x, t, config)
     assert ours.shape == x.shape[:3] + (config.out_channels,) and ours.dtype == jnp.float32
-    assert _max_abs(ours, _torch_eps(model, x, t)) < TOL
+    diff = _max_abs(ours, _torch_eps(model, x, t))
+    print(f"\n{name}: max-abs ε difference to diffusers {diff:.1e}")
+    assert diff < TOL
 
 
 def test_parameter_counts(torch_models, fmnist):
@@ -139,7 +141,9 @@ def test_shared_checkpoint_matches_diffusers(fmnist):
     model, config, params = fmnist
     x, t = _inputs(config, 3, seed=2)
     t = np.array([0, 517, 999], np.int32)
-    assert _max_abs(eps_fn(params, x, t, config), _torch_eps(model, x, t)) < TOL
+    diff = _max_abs(eps_fn(params, x, t, config), _torch_eps(model, x, t))
+    print(f"\nshared fmnist checkpoint: max-abs ε difference to diffusers {diff:.1e}")
+    assert diff < TOL
 
 
 def test_scalar_timestep_broadcasts(torch_models):

@@ -27,9 +27,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import iec_jax
 from iec_jax.io import write_json
+from iec_jax.pipeline import data_mesh
 from iec_jax.run.common import build_schedule, load_unet, unet_denoiser
 
 
@@ -82,6 +84,13 @@ def run(config, workdir: str) -> dict:
     shape = (ucfg.sample_size, ucfg.sample_size, ucfg.in_channels)
     keys = iec_jax.per_sample_keys(jax.random.key(0), np.arange(B))
     x_T, _ = iec_jax.initial_noise(keys, shape)
+    # Data parallel over all devices, as the sampling pipeline runs (on CPU, one host
+    # device per core: see iec_jax.io.use_all_cpu_cores).
+    mesh = data_mesh()
+    if B % mesh.size:
+        raise ValueError(f"batch_size {B} is not a multiple of the {mesh.size} devices")
+    x_T = jax.device_put(x_T, NamedSharding(mesh, P("data")))
+    params = jax.device_put(params, NamedSharding(mesh, P()))
     iec_all = iec_jax.IECConfig.paper(num_corrections=1, tolerance=0.0)
     results, outputs = [], {}
 
@@ -101,7 +110,9 @@ def run(config, workdir: str) -> dict:
 
     # FLOPs of one UNet evaluation of the batch, from XLA's cost analysis.
     net_fn = jax.jit(lambda p, x, t: unet_denoiser(ucfg)(p)(x, t))
-    cost = net_fn.lower(params, x_T, jnp.zeros((B,), jnp.int32)).compile().cost_analysis()
+    # (unsharded inputs: the whole batch's FLOPs, not one device's share)
+    cost = net_fn.lower(jax.device_get(params), np.asarray(x_T), np.zeros((B,), np.int32)
+                        ).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops_per_nfe = float(cost.get("flops", float("nan")))
 
@@ -167,6 +178,7 @@ def run(config, workdir: str) -> dict:
 
     machine = dict(
         backend=backend,
+        jax_devices=jax.device_count(),
         device=str(jax.devices()[0].device_kind),
         cpu=platform.processor() or platform.machine(),
         cores=os.cpu_count(),
@@ -186,7 +198,8 @@ def run(config, workdir: str) -> dict:
 def format_report(report) -> str:
     m = report["machine"]
     lines = [
-        f"machine: {m['backend']} / {m['device']} ({m['cores']} cores), jax {m['jax']}, "
+        f"machine: {m['backend']} / {m['device']} ({m['cores']} cores, {m['jax_devices']} JAX"
+        f" devices), jax {m['jax']}, "
         f"torch {m['torch']}",
         f"model: {report['model']} ({report['params']:,} params), batch {report['batch_size']},"
         f" DDIM-{report['num_steps']}, {report['flops_per_nfe'] / 1e9:.2f} GFLOPs per NFE"
