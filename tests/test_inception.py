@@ -311,6 +311,9 @@ def test_network_matches_torchscript_on_random_images(params, torch_net):
 def test_network_matches_torchscript_on_fashion_mnist(fmnist_features):
     for ours, theirs in zip(fmnist_features["flax"], fmnist_features["torch"]):
         assert ours["pool"].shape == (N_PER_SET, 2048)
+        print(f"\nFashion-MNIST: relative difference to TorchScript: pool"
+              f" {rel_diff(ours['pool'], theirs['pool']):.1e},"
+              f" spatial {rel_diff(ours['spatial'], theirs['spatial']):.1e}")
         assert rel_diff(ours["pool"], theirs["pool"]) < REL_TOL
         assert rel_diff(ours["spatial"], theirs["spatial"]) < REL_TOL
 
@@ -324,6 +327,8 @@ def test_fid_from_flax_and_torch_features_agree(fmnist_features):
         return {k: s[0].frechet_distance(s[1], method="eigh") for k, s in stats.items()}
 
     ours, theirs = distances(fmnist_features["flax"]), distances(fmnist_features["torch"])
+    print(f"\nFID Flax {ours['pool']:.5f} vs TorchScript {theirs['pool']:.5f};"
+          f" sFID {ours['spatial']:.4f} vs {theirs['spatial']:.4f}")
     assert ours["pool"] > 10.0  # two different image sets
     assert abs(ours["pool"] - theirs["pool"]) < 0.01
     assert abs(ours["spatial"] - theirs["spatial"]) < 0.01
