@@ -27,3 +27,21 @@ def iec_config(preset: str = "official_ddpm") -> ml_collections.ConfigDict:
             keep_first_pass_state=placeholder(bool),
         )
     )
+
+
+def sampling_config(source: str, *, spacing: str, seed: int = 0) -> ml_collections.ConfigDict:
+    """A UNet sampling job: DDPM linear β 1e-4 → 0.02 (T = 1000), DDIM-100 at η = 0, no
+    IEC; the dataset configs override what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = seed
+    c.num_samples = 256
+    c.batch_size = 128
+    c.shard_size = 1024
+    c.grid_size = 64
+    c.model = ml_collections.ConfigDict(dict(source=source, dtype="float32"))
+    c.schedule = ml_collections.ConfigDict(
+        dict(kind="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000, final_alpha="one")
+    )
+    c.sampler = ml_collections.ConfigDict(dict(num_steps=100, spacing=spacing, eta=0.0))
+    c.iec = iec_config("none")
+    return c
