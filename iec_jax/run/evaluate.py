@@ -143,6 +143,10 @@ def compute_metrics(feats: dict, ref: dict, *, frechet_method: str = "sqrtm") ->
     return {k: float(v) for k, v in out.items()}
 
 
+def _rate(count: int, seconds: float):
+    return round(count / seconds, 3) if count else None
+
+
 def _append_table_row(path: str, row: dict) -> None:
     head = list(row)
     existing = Path(path).read_text() if os.path.exists(path) else ""
@@ -161,12 +165,15 @@ def run(config, workdir: str) -> dict:
                                    config.shard_size)
     mine = {k for k in range(shards.num_shards) if k % nproc == pid}
     nfe = []
-    pipeline.generate(batch_fn, shards, config.batch_size, only=mine,
-                      on_batch=lambda info: nfe.append(iec_jax.nfe_summary(info)))
+    t0 = time.time()
+    written = pipeline.generate(batch_fn, shards, config.batch_size, only=mine,
+                                on_batch=lambda info: nfe.append(iec_jax.nfe_summary(info)))
+    sampling_s, t0 = time.time() - t0, time.time()
     feature_shards = FeatureShards(os.path.join(workdir, "features"), shards)
     todo = [k for k in feature_shards.missing() if k in mine]
     for k in tqdm(todo, desc="features", unit="shard"):
         feature_shards.compute(k, config.eval.crop, config.eval.inception_batch_size)
+    features_s = time.time() - t0
     if nproc > 1:
         from jax.experimental import multihost_utils
 
@@ -190,6 +197,9 @@ def run(config, workdir: str) -> dict:
         **{k: round(v, 4) for k, v in results.items()},
         nfe_per_sample=round(float(np.mean([n["nfe"] for n in nfe])), 2) if nfe else None,
         wall_time_s=round(time.time() - start, 1),
+        # Throughput of this invocation (None for a stage it found already done).
+        samples_per_s=_rate(sum(len(shards.indices(k)) for k in written), sampling_s),
+        features_per_s=_rate(sum(len(shards.indices(k)) for k in todo), features_s),
         devices=jax.device_count(),
     )
     write_json(os.path.join(workdir, "result.json"), result)
