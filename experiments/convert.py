@@ -1,12 +1,12 @@
 r"""Convert a PyTorch UNet checkpoint into an iec_jax checkpoint (orbax params + config JSON).
 
     # a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors/.bin)
-    python -m experiments.convert --src ../shared/models/fmnist-ddpm --dst /tmp/fmnist-ddpm
+    python -m experiments.convert --src ../shared/models/fmnist-ddpm --dst runs/models/fmnist-ddpm
 
     # the original DDPM CIFAR-10 checkpoint (pytorch_diffusion layout, as the official IEC
     # code loads it), with the DDPM CIFAR-10 architecture
     python -m experiments.convert --layout ddpm_original \
-        --src ema_diffusion_cifar10_model/model-790000.ckpt --dst /tmp/ddpm-cifar10
+        --src ema_diffusion_cifar10_model/model-790000.ckpt --dst runs/models/ddpm-cifar10-32
 
 Prints the parameter count and a short summary. Nothing is written if conversion fails.
 All logic lives in :mod:`iec_jax.models.convert`.
