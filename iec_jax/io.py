@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import uuid
 from typing import Iterator
 
 
@@ -17,8 +18,9 @@ def atomic_path(path: str) -> Iterator[str]:
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's 0o600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
         os.replace(tmp, path)
@@ -31,6 +33,20 @@ def atomic_path(path: str) -> Iterator[str]:
 def write_text(path: str, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def write_npz(path, **arrays) -> None:
+    """``np.savez`` to ``path`` atomically (the name is used as given)."""
+    import numpy as np
+
+    with atomic_path(os.fspath(path)) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def file_digest(path, algorithm: str) -> str:
+    """Hex digest of a file's bytes (e.g. ``"sha256"``), read in chunks."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def write_json(path: str, obj) -> None:

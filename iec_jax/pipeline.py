@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from iec_jax.iec import IECConfig
-from iec_jax.io import atomic_path
+from iec_jax.io import atomic_path, write_npz
 from iec_jax.sampling import initial_noise, per_sample_keys, sample
 from iec_jax.schedule import NoiseSchedule
 
@@ -124,10 +124,7 @@ class SampleShards:
         idx = self.indices(k)
         if len(images) != len(idx):
             raise ValueError(f"shard {k} needs {len(idx)} images, got {len(images)}")
-        os.makedirs(self.directory, exist_ok=True)
-        with atomic_path(self.path(k)) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=np.asarray(images, np.uint8), indices=idx)
+        write_npz(self.path(k), arr_0=np.asarray(images, np.uint8), indices=idx)
 
     def load(self) -> np.ndarray:
         """All samples in index order (uint8 NHWC); raises if a shard is missing."""

@@ -53,7 +53,6 @@ Converted parameters are cached as an .npz under ``$IEC_JAX_CACHE/inception`` (d
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import pathlib
@@ -66,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from iec_jax.io import file_digest
 from iec_jax.metrics._io import atomic_savez
 
 __all__ = [
@@ -472,11 +472,7 @@ def default_torchscript_path() -> pathlib.Path:
 
 
 def _sha1(path: PathLike) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def _expected_shapes(num_classes: Optional[int]) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -45,7 +45,6 @@ torch needed) except bfloat16 files, which NumPy cannot hold and go through torc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from iec_jax.io import file_digest
 from iec_jax.models.unet import UNet, UNetConfig, count_params
 
 __all__ = [
@@ -323,14 +323,6 @@ def load_ddpm_original(path: PathLike, config: Optional[UNetConfig] = None) -> t
 
 
 # ------------------------------------------------------------------- end to end
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert_checkpoint(
     src: PathLike,
     dst: PathLike,
@@ -367,7 +359,7 @@ def convert_checkpoint(
         weights = src
     else:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    source = {"path": str(src.resolve()), "layout": layout, "weights_sha256": _sha256(weights)}
+    source = {"path": str(src.resolve()), "layout": layout, "weights_sha256": file_digest(weights, "sha256")}
     save_checkpoint(dst, config, params, metadata={"source": source}, overwrite=overwrite)
     return {
         "config": config,

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import iec_jax
 from iec_jax import pipeline
-from iec_jax.io import atomic_path, write_json, write_text
+from iec_jax.io import write_json, write_npz, write_text
 from iec_jax.run.sample import build_sampler
 
 
@@ -89,9 +89,7 @@ def reference_features(dataset: str, split: str, *, data_dir: Optional[str] = No
     pool = np.concatenate(pool)
     stats = metrics.FeatureStats.from_features(pool)
     arrays = dict(pool=pool, **stats.to_arrays(), **spatial.to_arrays("_s"))
-    cache.mkdir(parents=True, exist_ok=True)
-    with atomic_path(str(path)) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+    write_npz(path, **arrays)
     return arrays
 
 
@@ -112,9 +110,7 @@ class FeatureShards:
         with np.load(self.samples.path(k)) as f:
             images, idx = f["arr_0"], f["indices"]
         feats = _features(center_crop(images, crop), batch_size)
-        os.makedirs(self.directory, exist_ok=True)
-        with atomic_path(self.path(k)) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, indices=idx, **feats)
+        write_npz(self.path(k), indices=idx, **feats)
 
     def load(self) -> dict[str, np.ndarray]:
         parts = []

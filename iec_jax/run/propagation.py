@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import scipy.linalg
 from tqdm.auto import tqdm
 
 import iec_jax
@@ -53,12 +52,12 @@ def parse_perturbation(spec: str) -> tuple[str, float]:
 
 def frechet_distance(x, y) -> float:
     """Fréchet distance between Gaussian fits of two sample sets (data space)."""
-    x = np.asarray(x, np.float64).reshape(len(x), -1)
-    y = np.asarray(y, np.float64).reshape(len(y), -1)
-    mu1, mu2 = x.mean(0), y.mean(0)
-    s1, s2 = np.cov(x.T), np.cov(y.T)
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
+    from iec_jax.metrics import FeatureStats
+
+    def stats(v):
+        return FeatureStats.from_features(np.asarray(v, np.float64).reshape(len(v), -1))
+
+    return stats(x).frechet_distance(stats(y))
 
 
 def run(config, workdir: str) -> dict[str, Any]:
