@@ -45,3 +45,62 @@ def sampling_config(source: str, *, spacing: str, seed: int = 0) -> ml_collectio
     c.sampler = ml_collections.ConfigDict(dict(num_steps=100, spacing=spacing, eta=0.0))
     c.iec = iec_config("none")
     return c
+
+
+# Every field a table row may set; ``table_row`` fills the defaults so that each row of a
+# table config is a complete, uniform dict (the experiment validates them again).
+TABLE_ROW_DEFAULTS = dict(
+    name="",
+    quant="",  # "" (float) or "W<w>A<a>", e.g. "W8A8", "W4A8"
+    cache_interval=0,  # 0: no cache; N: DeepCache with N-step groups
+    cache_schedule="uniform",  # uniform | nonuniform (DeepCache) | dps (CacheQuant)
+    dec=False,  # CacheQuant's DEC (cache-DEC, plus quant-DEC when quantized)
+    iec="none",  # none | official_ddpm | official_ldm | paper
+    iec_steps="",  # "" = all steps without a cache, the full-compute steps with one
+    fraction=0.0,  # for iec_steps="head_tail" (±1/10 = 0.1, ±1/20 = 0.05)
+    step_sizes=(),  # () = the preset's; K corrections = len(step_sizes)
+    num_steps=0,  # 0 = config.sampler.num_steps (compute-matched rows set more)
+    baseline="",  # the row this one is compared with (relative FID gain)
+    paper_fid="",  # the paper's number for the matching CIFAR-10 cell
+    paper_gain=0.0,  # the paper's relative FID gain for this row (0: none quoted)
+)
+
+
+def table_row(name: str, **fields) -> dict:
+    unknown = sorted(set(fields) - set(TABLE_ROW_DEFAULTS))
+    if unknown:
+        raise ValueError(f"table_row {name!r}: unknown field(s) {unknown}")
+    return {**TABLE_ROW_DEFAULTS, **fields, "name": name}
+
+
+def table_config(source: str, *, model_name: str, spacing: str = "quad",
+                 seed: int = 1243) -> ml_collections.ConfigDict:
+    """A paper-table job (``experiments.reproduce``): the sampling settings of the paper's
+    CIFAR-10 rows (DDIM-100, η = 0, quad grid, seed 1243), calibration as the official
+    scripts (512 FP samples in batches of 128; 64 / 32 samples per full / cached step),
+    evaluation against a dataset split. The table configs add ``rows``."""
+    c = sampling_config(source, spacing=spacing, seed=seed)
+    del c["iec"]  # IEC is set per row
+    c.name = ""
+    c.table = ""  # output file stem (table1, ...)
+    c.model.name = model_name
+    c.cache_point = (2, 2)  # DeepCache's DDPM branch 2 (models.DEEPCACHE_DDPM_CACHE_POINT)
+    c.num_samples = 10_000
+    c.batch_size = 128
+    c.shard_size = 1_000
+    c.trajectory_samples = 16  # paired float trajectories for the error-growth plot
+    c.reference_row = "FP"  # the full-precision row: L2 distances and error growth
+    c.only = placeholder(str)  # comma-separated row names: run a subset
+    # act_batch_size: the activation search's batch (official: min(batch, samples of the
+    # step), kept once it shrinks). nonuniform_center / _pow: DeepCache's non-uniform
+    # schedule parameters; its scripts have no defaults, so these are our choice
+    # (center -1 = the middle step).
+    c.calibration = ml_collections.ConfigDict(dict(
+        num_samples=512, batch_size=128, per_step_full=64, per_step_cached=32,
+        dps_samples=32, act_batch_size=256, nonuniform_center=-1, nonuniform_pow=1.4,
+        seed=0))
+    c.eval = ml_collections.ConfigDict(dict(
+        dataset="fashion_mnist", split="test", data_dir=placeholder(str), crop=28,
+        inception_batch_size=64, frechet_method="sqrtm"))
+    c.rows = []
+    return c

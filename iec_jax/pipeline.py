@@ -69,16 +69,21 @@ def save_grid(path: str, images: np.ndarray, ncols: Optional[int] = None, pad: i
 
 
 class SampleShards:
-    """The shards of ``num_samples`` samples in ``directory``, ``shard_size`` each."""
+    """The shards of ``num_samples`` samples in ``directory``, ``shard_size`` each.
+
+    Shards hold ``arr_0`` in ``dtype`` (uint8 images by default; the table runs also keep
+    float32 x_0 for paired distances) and ``indices``.
+    """
 
     PATTERN = re.compile(r"samples_(\d{5})\.npz$")
 
-    def __init__(self, directory: str, num_samples: int, shard_size: int):
+    def __init__(self, directory: str, num_samples: int, shard_size: int, dtype=np.uint8):
         if num_samples < 1 or shard_size < 1:
             raise ValueError("num_samples and shard_size must be >= 1")
         self.directory = directory
         self.num_samples = int(num_samples)
         self.shard_size = int(shard_size)
+        self.dtype = np.dtype(dtype)
 
     @property
     def num_shards(self) -> int:
@@ -124,10 +129,10 @@ class SampleShards:
         idx = self.indices(k)
         if len(images) != len(idx):
             raise ValueError(f"shard {k} needs {len(idx)} images, got {len(images)}")
-        write_npz(self.path(k), arr_0=np.asarray(images, np.uint8), indices=idx)
+        write_npz(self.path(k), arr_0=np.asarray(images, self.dtype), indices=idx)
 
     def load(self) -> np.ndarray:
-        """All samples in index order (uint8 NHWC); raises if a shard is missing."""
+        """All samples in index order (NHWC, ``dtype``); raises if a shard is missing."""
         missing = self.missing()
         if missing:
             raise ValueError(f"{len(missing)} of {self.num_shards} shards are missing in"

@@ -1,0 +1,44 @@
+"""The paper's tables on the shared Fashion-MNIST reference checkpoint (the table*.py
+configs call :func:`table_config`).
+
+Sampler as the paper's CIFAR-10 rows (PAPER.md §5.2): DDIM-100, η = 0, quad grid (max t
+800, duplicates kept), seed 1243; DeepCache branch 2 (cache point up_blocks[2].resnets[2]);
+calibration as the official CIFAR-10 scripts (512 FP samples, 64 / 32 per full / cached
+step). FID against the 10,000-image test split (samples centre-cropped 32 → 28).
+
+Variants (``:arg``): none = 10,000 samples per row (the CPU size of the issue);
+``gpu`` = 50,000 samples in batches of 500; ``quick`` = 500 samples per row and 128
+calibration samples; ``smoke`` = a few samples, 10 steps (tests).
+"""
+
+from configs import tables
+from configs.base import table_config as _base
+
+
+def table_config(table: str, arg=None):
+    c = _base("../shared/models/fmnist-ddpm", model_name="fmnist-ddpm")
+    c.name = f"fmnist-ddpm {table}"
+    c.table = table
+    c.rows = tables.TABLES[table]()
+    if arg in (None, ""):
+        pass
+    elif arg == "gpu":
+        c.num_samples, c.batch_size, c.shard_size = 50_000, 500, 5_000
+    elif arg == "quick":
+        c.num_samples, c.batch_size, c.shard_size = 500, 100, 500
+        c.calibration.num_samples = 128
+    elif arg == "smoke":
+        c.num_samples, c.batch_size, c.shard_size = 8, 4, 8
+        c.trajectory_samples = 2
+        c.sampler.num_steps = 10
+        c.calibration.update(dict(num_samples=8, batch_size=4, per_step_full=4,
+                                  per_step_cached=2, dps_samples=4))
+        c.eval.split = "test[:64]"
+        c.eval.inception_batch_size = 8
+        c.eval.frechet_method = "eigh"
+        for r in c.rows:  # keep the rows' proportions on 10 steps
+            r["num_steps"] = {200: 20, 110: 11}.get(r["num_steps"], r["num_steps"])
+            r["cache_interval"] = {10: 2, 15: 3, 5: 1}.get(r["cache_interval"], r["cache_interval"])
+    else:
+        raise ValueError(f"unknown config variant {arg!r}; known: gpu, quick, smoke")
+    return c

@@ -1,0 +1,182 @@
+"""One builder for every efficient model of the paper's tables, with its calibration.
+
+``MethodBuilder.build(num_steps=, bits=, cache_interval=, cache_schedule=, dec=)`` returns
+``(factory, params)``: ``factory(params) -> Denoiser`` is called inside jit (the
+parameters, quantized weights, activation tables and DEC fits stay jit arguments).
+
+The official CacheQuant/IEC pipeline order (PAPER.md §6.4) is followed:
+
+1. FP no-cache DDIM trajectories of ``calibration.num_samples`` samples (seed
+   ``calibration.seed``), recording x_i and the cache-point feature at every step
+   (:func:`iec_jax.efficient.calibration.fp_trajectories`);
+2. the cache schedule: uniform, DeepCache's non-uniform rule, or CacheQuant's DPS on the
+   first ``calibration.dps_samples`` trajectories;
+3. cache-DEC (when ``dec``): per-step, per-channel (a, b) regressing each step's FP
+   feature on the feature of the last full step;
+4. activation quantizer tables: per step, 64 / 32 random FP samples at full / cached steps
+   (the cached ones through the partial pass on the DEC-corrected cache); weights by the
+   per-channel MSE search;
+5. quant-DEC (when ``dec`` and quantized) on the conv consuming the cached feature.
+
+Every artifact is written once under ``artifact_dir`` with a key naming model, steps,
+interval, schedule and bit-widths (``fmnist-ddpm_S100_N10_uniform_W8A8``) and is reloaded
+(and checked against its metadata) on later runs: calibration is resumable and, given its
+seed, deterministic. The FP trajectories are recomputed when an artifact is missing (they
+are large: ~7 MB per sample at S = 100 for fmnist-ddpm, so they are not stored).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from iec_jax.efficient import cache as cache_lib
+from iec_jax.efficient import calibration as calib_lib
+from iec_jax.efficient import quant as quant_lib
+from iec_jax.models import UNet
+from iec_jax.schedule import NoiseSchedule, make_timesteps
+
+__all__ = ["MethodBuilder"]
+
+
+class MethodBuilder:
+    def __init__(self, unet_config, params, *, schedule: NoiseSchedule, shape: tuple,
+                 cache_point, model_name: str, dtype: str = "float32", calibration,
+                 artifact_dir: str, spacing: str):
+        from iec_jax.run.common import DTYPES
+
+        if dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+        self.unet = UNet(unet_config, dtype=DTYPES[dtype])
+        self.params = params
+        self.schedule = schedule
+        self.shape = tuple(shape)
+        self.cache_point = tuple(int(i) for i in cache_point)
+        self.model_name = model_name
+        self.dtype = dtype
+        self.calib = calibration
+        self.artifact_dir = artifact_dir
+        self.spacing = spacing
+        self._traj: dict[int, dict] = {}
+
+    # ----------------------------------------------------------------- calibration
+    def _path(self, stem: str) -> str:
+        return os.path.join(self.artifact_dir, stem + ".npz")
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        return make_timesteps(self.schedule.num_timesteps, num_steps, self.spacing)
+
+    def trajectories(self, num_steps: int) -> dict:
+        if num_steps not in self._traj:
+            self._traj.clear()  # one grid at a time: they are large
+            c = self.calib
+            print(f"calibration: FP trajectories of {c.num_samples} samples, {num_steps} steps",
+                  flush=True)
+            self._traj[num_steps] = calib_lib.fp_trajectories(
+                lambda p: cache_lib.float_unet_fn(self.unet, p), c.num_samples, c.batch_size,
+                c.seed, self.schedule, self.timesteps(num_steps), self.shape, self.cache_point,
+                params=self.params)
+        return self._traj[num_steps]
+
+    def _meta(self, num_steps, interval, kind, bits=None, dec=False) -> dict:
+        c = self.calib
+        return dict(model=self.model_name, num_steps=int(num_steps), interval=int(interval),
+                    schedule=kind, spacing=self.spacing, cache_point=list(self.cache_point),
+                    bits="float" if bits is None else f"W{bits[0]}A{bits[1]}", dec=bool(dec),
+                    calib_samples=int(c.num_samples), calib_seed=int(c.seed),
+                    per_step_full=int(c.per_step_full), per_step_cached=int(c.per_step_cached),
+                    dps_samples=int(c.dps_samples), center=self._center(num_steps),
+                    pow=float(c.nonuniform_pow), dtype=self.dtype)
+
+    def _center(self, num_steps: int) -> int:
+        c = self.calib.nonuniform_center
+        return int(num_steps // 2 if c is None or c < 0 else c)
+
+    def cache_artifacts(self, num_steps: int, interval: int, kind: str, dec: bool):
+        """(full-step mask, CacheDEC or None), computed once and stored."""
+        stem = calib_lib.artifact_key(self.model_name, num_steps, interval, kind) + (
+            "_dec" if dec else "")
+        meta = self._meta(num_steps, interval, kind, dec=dec)
+        path = self._path(stem)
+        if os.path.exists(path):
+            full, d, _ = calib_lib.load_cache_artifacts(path, meta)
+            return full, d
+        features = None
+        if kind == "dps" or dec:
+            features = self.trajectories(num_steps)["feature"]
+        full = cache_lib.make_schedule(
+            kind, num_steps, interval,
+            features=None if features is None else features[:, : self.calib.dps_samples],
+            center=self._center(num_steps), pow=float(self.calib.nonuniform_pow))
+        d = cache_lib.fit_cache_dec(features, None, full) if dec else None
+        calib_lib.save_cache_artifacts(path, full, d, meta)
+        return full, d
+
+    def quant_state(self, num_steps: int, bits: tuple, interval: int, kind: str, dec: bool):
+        """Calibrated QuantState for this cache setting (interval 0: no cache)."""
+        key_interval = interval or 1
+        stem = calib_lib.artifact_key(self.model_name, num_steps, key_interval,
+                                      kind if interval else "nocache", *bits) + (
+            "_dec" if dec else "")
+        qcfg = quant_lib.QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+        path = self._path(stem)
+        if os.path.exists(path):
+            return quant_lib.load_quant_state(path, config=qcfg, unet_config=self.unet.config)
+        if interval:
+            full, cdec = self.cache_artifacts(num_steps, interval, kind, dec)
+        else:
+            full, cdec = np.ones(num_steps, bool), None
+        traj = self.trajectories(num_steps)
+        c = self.calib
+        steps = calib_lib.calibration_set(traj, full, per_step_full=c.per_step_full,
+                                          per_step_cached=c.per_step_cached, seed=c.seed,
+                                          dec=cdec)
+        qstate = quant_lib.build_quant_state(self.unet, self.params, steps, qcfg,
+                                             cache_point=self.cache_point,
+                                             batch_size=c.act_batch_size)
+        if dec:
+            # The feature entering the cache point at each step: FP at full steps, the
+            # DEC-corrected cached feature at cached steps (official all_cache_after_cacheadd).
+            src = cache_lib.last_full_index(full)
+            feats = []
+            for i in range(num_steps):
+                f = traj["feature"][src[i]].astype(np.float32)
+                if not full[i]:
+                    f = np.asarray(cdec.a[i])[None, None, None] * f + np.asarray(cdec.b[i])
+                feats.append(f)
+            qstate = quant_lib.fit_quant_dec(self.unet, self.params, qstate, feats,
+                                             cache_point=self.cache_point)
+        quant_lib.save_quant_state(path, qstate, unet_config=self.unet.config)
+        return qstate
+
+    # --------------------------------------------------------------------- building
+    def build(self, *, num_steps: int, bits: Optional[tuple] = None, cache_interval: int = 0,
+              cache_schedule: str = "uniform", dec: bool = False):
+        """``(factory, params)``: ``factory(params) -> Denoiser`` for the sampler."""
+        if dec and not cache_interval:
+            raise ValueError("DEC needs a cache (cache_interval > 0)")
+        unet, cp = self.unet, self.cache_point
+        full = cdec = None
+        if cache_interval:
+            full, cdec = self.cache_artifacts(num_steps, cache_interval, cache_schedule, dec)
+        if bits is not None:
+            qstate = self.quant_state(num_steps, bits, cache_interval, cache_schedule, dec)
+            fparams: Any = dict(q=qstate, dec=cdec)
+            unet_fn = lambda p: quant_lib.quantized_unet(unet, p["q"])  # noqa: E731
+        else:
+            fparams = dict(p=self.params, dec=cdec)
+            unet_fn = lambda p: cache_lib.float_unet_fn(unet, p["p"])  # noqa: E731
+
+        if full is None:
+            from iec_jax.denoisers import StatefulDenoiser
+
+            def factory(p):
+                fn = unet_fn(p)
+                return StatefulDenoiser(lambda x, t, step, s: (fn(x, t, step), s))
+        else:
+            def factory(p):
+                return cache_lib.cached_denoiser(unet_fn(p), full_steps=full, cache_point=cp,
+                                                 dec=p["dec"])
+        return factory, fparams

@@ -1,0 +1,504 @@
+"""The paper's tables, row by row, with and without IEC (``experiments/reproduce.py``).
+
+A table config (``configs/<dataset>/table{1,2,3,5}.py``) lists rows; each row is an
+efficient model (float, PTQ, DeepCache, CacheQuant = cache + quantization + DEC), an IEC
+setting and optionally a different number of sampling steps (the compute-matched
+controls). For every row the job writes, under ``<workdir>/rows/<row>/``:
+
+* ``row.json`` — the row and the sampler settings it was generated with (a directory
+  that belongs to other settings is refused, never mixed);
+* ``samples/samples_{k:05d}.npz`` — float32 x_0 (resumable shards; sample i depends only
+  on (seed, i), so every row sees the same x_T: rows are paired);
+* ``features/features_{k:05d}.npz`` — Inception features of the uint8 images;
+* ``progress.json`` — sampling seconds, samples and NFE accumulated shard by shard;
+* ``trajectory.npz`` — the float trajectory of the first ``trajectory_samples`` samples;
+
+and, for the whole table (``config.table``, e.g. ``table1``), ``table1.md``,
+``table1.csv``, ``table1_result.json`` and the plots ``table1_error_growth.png``
+(per-step distance to the full-precision trajectory) and ``table1_fid_vs_nfe.png``.
+Tables may share one workdir: identical rows (FP, FP + IEC, ...) and calibration
+artifacts are then computed once. Calibration artifacts (FP trajectories, activation tables, DPS
+schedules, DEC fits) are computed once and kept under ``<workdir>/artifacts/`` by a key
+naming model, steps, interval and bit-widths (see :mod:`iec_jax.efficient`).
+
+Columns: FID/sFID/precision/recall against the reference split; ``L2 to FP`` — the mean
+over samples of ‖x_0 − x_0^FP‖₂ on the [-1, 1] scale (float32 samples, paired seeds);
+NFE per sample split into full and partial (cached) passes; GFLOPs per sample from XLA's
+cost analysis of one float full / partial pass (fake quantization is simulated in float,
+so its FLOPs are not those of an integer kernel); sampling seconds per 1,000 samples on
+the machine that ran the row (steady state: an invocation's first batch, which
+compiles, is left out when the shard has more); the relative FID gain over the row's ``baseline`` next to
+the paper's.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import iec_jax
+from iec_jax import pipeline
+from iec_jax.io import write_json, write_npz, write_text
+from iec_jax.run.common import build_schedule, load_unet
+from iec_jax.run.evaluate import _features, center_crop, compute_metrics, reference_features
+
+__all__ = ["RowSpec", "run", "parse_bits"]
+
+_QUANT = re.compile(r"^W(\d+)A(\d+)$")
+
+
+def parse_bits(quant: str) -> Optional[tuple[int, int]]:
+    """``"W8A8"`` -> (8, 8); ``""`` -> None."""
+    if not quant:
+        return None
+    m = _QUANT.match(quant)
+    if not m:
+        raise ValueError(f"row quant must look like 'W8A8' (or '' for float), got {quant!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """One table row (see ``configs.base.TABLE_ROW_DEFAULTS`` for the fields)."""
+
+    name: str
+    quant: str = ""
+    cache_interval: int = 0
+    cache_schedule: str = "uniform"
+    dec: bool = False
+    iec: str = "none"
+    iec_steps: str = ""
+    fraction: float = 0.0
+    step_sizes: tuple = ()
+    num_steps: int = 0
+    baseline: str = ""
+    paper_fid: str = ""
+    paper_gain: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d) -> "RowSpec":
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"table row {d.get('name')!r}: unknown field(s) {unknown}")
+        d["step_sizes"] = tuple(float(s) for s in d.get("step_sizes", ()))
+        return cls(**d)
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"table row {self.name!r}: {field} {msg}")
+
+        if not self.name or not re.match(r"^[A-Za-z0-9 =+±/.,()_-]+$", self.name):
+            fail("name", f"must be non-empty plain text, got {self.name!r}")
+        parse_bits(self.quant)
+        if self.cache_interval < 0:
+            fail("cache_interval", f"must be >= 0, got {self.cache_interval}")
+        if self.cache_schedule not in ("uniform", "nonuniform", "dps"):
+            fail("cache_schedule", f"must be uniform, nonuniform or dps, got {self.cache_schedule!r}")
+        if self.dec and not self.cache_interval:
+            fail("dec", "(CacheQuant DEC) needs a cache (cache_interval > 0)")
+        if self.iec not in ("none",) + tuple(iec_jax.iec.PRESETS):
+            fail("iec", f"must be 'none' or one of {tuple(iec_jax.iec.PRESETS)}, got {self.iec!r}")
+        if self.iec == "none" and (self.iec_steps or self.step_sizes or self.fraction):
+            fail("iec", "is 'none' but IEC options are set")
+        if self.iec_steps not in ("", "all", "full_compute", "head_tail"):
+            fail("iec_steps", f"must be '', all, full_compute or head_tail, got {self.iec_steps!r}")
+        if (self.iec_steps == "head_tail") != (self.fraction > 0):
+            fail("fraction", "must be > 0 exactly when iec_steps='head_tail'")
+        if self.num_steps < 0:
+            fail("num_steps", f"must be >= 0, got {self.num_steps}")
+
+    @property
+    def slug(self) -> str:
+        s = self.name.replace("+", "plus").replace("±", "pm").replace("/", "over")
+        return re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_")
+
+    def iec_config(self) -> Optional[iec_jax.IECConfig]:
+        if self.iec == "none":
+            return None
+        over: dict[str, Any] = {}
+        steps = self.iec_steps or ("full_compute" if self.cache_interval else "all")
+        over["steps"] = steps
+        if steps == "head_tail":
+            over["fraction"] = self.fraction
+        if self.step_sizes:
+            over["step_sizes"] = self.step_sizes
+        return iec_jax.IECConfig.preset(self.iec, **over)
+
+
+def _select_rows(config) -> list[RowSpec]:
+    rows = [RowSpec.from_dict(r) for r in config.rows]
+    if not rows:
+        raise ValueError("the config has no rows")
+    names = [r.name for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate row names {dup}")
+    slugs = [r.slug for r in rows]
+    if len(set(slugs)) != len(slugs):
+        raise ValueError(f"row names collide as directory names: {slugs}")
+    for r in rows:
+        if r.baseline and r.baseline not in names:
+            raise ValueError(f"row {r.name!r}: baseline {r.baseline!r} is not a row of this table")
+    if config.get("only"):
+        wanted = [n.strip() for n in config.only.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise ValueError(f"--config.only names unknown rows {unknown}; rows: {names}")
+        rows = [r for r in rows if r.name in wanted]
+    return rows
+
+
+class _Progress:
+    """Sampling seconds / samples / NFE of a row, accumulated shard by shard (atomic)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.data = dict(seconds=0.0, samples=0, nfe=0.0, nfe_full=0.0, nfe_partial=0.0,
+                         corrections=0.0, timed_seconds=0.0, timed_samples=0)
+        if os.path.exists(path):
+            import json
+
+            self.data.update(json.loads(Path(path).read_text()))
+
+    def add(self, seconds, infos: list[dict], counts: list[int], first_call: bool) -> None:
+        """``seconds``: per batch. The first batch of an invocation includes the jit
+        compilation; it is left out of the timed rate when the shard has other batches."""
+        d = self.data
+        d["seconds"] += float(np.sum(seconds))
+        skip = 1 if first_call and len(counts) > 1 else 0
+        d["timed_seconds"] += float(np.sum(seconds[skip:]))
+        d["timed_samples"] += int(np.sum(counts[skip:]))
+        for info, n in zip(infos, counts):
+            s = iec_jax.nfe_summary(info)
+            d["samples"] += n
+            d["nfe"] += s["nfe"] * n
+            d["nfe_full"] += s["nfe_full"] * n
+            d["nfe_partial"] += s["nfe_partial"] * n
+            d["corrections"] += s["corrections_per_sample"] * n
+        write_json(self.path, d)
+
+    def per_sample(self, key: str) -> Optional[float]:
+        n = self.data["samples"]
+        return self.data[key] / n if n else None
+
+
+class Table:
+    """Everything one table run needs: the model, the schedule and the methods."""
+
+    def __init__(self, config, workdir: str):
+        from iec_jax.efficient import methods
+
+        self.config = config
+        self.workdir = workdir
+        self.unet_config, self.params = load_unet(config.model.source)
+        self.schedule = build_schedule(config.schedule)
+        self.shape = (self.unet_config.sample_size, self.unet_config.sample_size,
+                      self.unet_config.in_channels)
+        self.methods = methods.MethodBuilder(
+            self.unet_config, self.params, schedule=self.schedule, shape=self.shape,
+            cache_point=tuple(config.cache_point), model_name=config.model.name,
+            dtype=config.model.dtype, calibration=config.calibration,
+            artifact_dir=os.path.join(workdir, "artifacts"), spacing=config.sampler.spacing,
+        )
+
+    def num_steps(self, row: RowSpec) -> int:
+        return row.num_steps or int(self.config.sampler.num_steps)
+
+    def timesteps(self, row: RowSpec) -> np.ndarray:
+        return iec_jax.make_timesteps(self.schedule.num_timesteps, self.num_steps(row),
+                                      self.config.sampler.spacing)
+
+    def denoiser(self, row: RowSpec):
+        """``(factory: params -> Denoiser, params pytree)`` of the row's efficient model."""
+        bits = parse_bits(row.quant)
+        return self.methods.build(
+            num_steps=self.num_steps(row), bits=bits, cache_interval=row.cache_interval,
+            cache_schedule=row.cache_schedule, dec=row.dec,
+        )
+
+    def row_meta(self, row: RowSpec) -> dict:
+        c = self.config
+        return dict(row=dataclasses.asdict(row), model=c.model.to_dict(),
+                    schedule=c.schedule.to_dict(), sampler=c.sampler.to_dict(),
+                    num_steps=self.num_steps(row), seed=int(c.seed),
+                    cache_point=list(c.cache_point), calibration=c.calibration.to_dict(),
+                    num_samples=int(c.num_samples), shard_size=int(c.shard_size))
+
+
+def _check_row_dir(rowdir: str, meta: dict) -> None:
+    import json
+
+    path = os.path.join(rowdir, "row.json")
+    if os.path.exists(path):
+        old = json.loads(Path(path).read_text())
+        if old != json.loads(json.dumps(meta)):
+            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != json.loads(json.dumps(meta)).get(k))
+            raise ValueError(f"{rowdir} was generated with other settings ({diff}); use another"
+                             " --workdir or remove the directory")
+    else:
+        write_json(path, meta)
+
+
+def _flops(unet_config, params, shape, cache_point, dtype: str) -> dict[str, float]:
+    """FLOPs of one float full pass and one partial (cached) pass for one sample."""
+    from iec_jax.models import UNet, cached_feature_shape
+    from iec_jax.run.common import DTYPES
+
+    net = UNet(unet_config, dtype=DTYPES[dtype])
+    x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    f = jax.ShapeDtypeStruct(cached_feature_shape(unet_config, cache_point, (1,) + tuple(shape)),
+                             jnp.float32)
+
+    def cost(fn, *args):
+        ca = jax.jit(fn).lower(params, *args).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return float(ca.get("flops", float("nan")))
+
+    full = cost(lambda p, x, t: net.apply({"params": p}, x, t), x, t)
+    partial = cost(lambda p, x, t, f: net.apply({"params": p}, x, t, cache_point=cache_point,
+                                                cached_feature=f), x, t, f)
+    return dict(full=full, partial=partial)
+
+
+def _trajectory(table: Table, row: RowSpec, factory, fparams, n: int) -> np.ndarray:
+    """The row's float trajectory (S, n, ...) of samples 0..n-1 (same x_T as the shards)."""
+    base = jax.random.key(int(table.config.seed))
+    ts = table.timesteps(row)
+
+    def run(p):
+        keys = pipeline.per_sample_keys(base, jnp.arange(n, dtype=jnp.uint32))
+        x_T, skeys = pipeline.initial_noise(keys, table.shape)
+        _, info = iec_jax.sample(factory(p), x_T, skeys, schedule=table.schedule, timesteps=ts,
+                                 eta=table.config.sampler.eta, iec=row.iec_config(),
+                                 return_trajectory=True)
+        return info["trajectory"]
+
+    return np.asarray(jax.jit(run)(fparams))
+
+
+def _float_shards(directory, config) -> pipeline.SampleShards:
+    return pipeline.SampleShards(directory, config.num_samples, config.shard_size, np.float32)
+
+
+def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
+    config = table.config
+    _check_row_dir(rowdir, table.row_meta(row))
+    factory, fparams = table.denoiser(row)
+    batch_fn = pipeline.make_batch_sampler(
+        factory, params=fparams, schedule=table.schedule, timesteps=table.timesteps(row),
+        shape=table.shape, seed=int(config.seed), eta=config.sampler.eta, iec=row.iec_config())
+    shards = _float_shards(os.path.join(rowdir, "samples"), config)
+    progress = _Progress(os.path.join(rowdir, "progress.json"))
+    first_call = True  # its batch includes the compilation: not timed when others are
+    for k in shards.missing():
+        infos: list[dict] = []
+        stamps = [time.time()]
+        idx = shards.indices(k)
+
+        def on_batch(info):
+            infos.append(jax.device_get(info))
+            stamps.append(time.time())
+
+        pipeline.generate(batch_fn, shards, config.batch_size, only=[k], on_batch=on_batch,
+                          postprocess=lambda x: np.asarray(x, np.float32))
+        bs = config.batch_size
+        counts = [min(bs, len(idx) - s) for s in range(0, len(idx), bs)]
+        progress.add(np.diff(stamps), infos, counts, first_call=first_call)
+        first_call = False
+
+    traj_path = os.path.join(rowdir, "trajectory.npz")
+    if config.trajectory_samples and not os.path.exists(traj_path):
+        traj = _trajectory(table, row, factory, fparams, int(config.trajectory_samples))
+        write_npz(traj_path, trajectory=traj, timesteps=table.timesteps(row))
+
+    fdir = os.path.join(rowdir, "features")
+    for k in tqdm(range(shards.num_shards), desc=f"features {row.name}", unit="shard"):
+        path = os.path.join(fdir, f"features_{k:05d}.npz")
+        if os.path.exists(path):
+            continue
+        with np.load(shards.path(k)) as f:
+            images = pipeline.to_uint8(f["arr_0"])
+        feats = _features(center_crop(images, config.eval.crop), config.eval.inception_batch_size)
+        write_npz(path, indices=shards.indices(k), **feats)
+    parts = []
+    for k in range(shards.num_shards):
+        with np.load(os.path.join(fdir, f"features_{k:05d}.npz")) as f:
+            if not np.array_equal(f["indices"], shards.indices(k)):
+                raise ValueError(f"{fdir} holds features of another run; remove it")
+            parts.append({n: f[n] for n in f.files if n != "indices"})
+    feats = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+    return dict(features=feats, progress=progress)
+
+
+def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
+    a = _float_shards(os.path.join(rowdir, "samples"), config)
+    b = _float_shards(os.path.join(refdir, "samples"), config)
+    if b.missing():
+        return None
+    d = a.load().astype(np.float64) - b.load().astype(np.float64)
+    return float(np.sqrt((d.reshape(len(d), -1) ** 2).sum(1)).mean())
+
+
+def _fmt(v, nd=2):
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+COLUMNS = ("row", "FID", "sFID", "precision", "recall", "L2 to FP", "NFE", "NFE full",
+           "NFE partial", "GFLOPs", "s / 1k samples", "gain vs baseline", "paper FID",
+           "paper gain")
+
+
+def _write_outputs(workdir: str, config, results: list[dict]) -> None:
+    lines = [f"# {config.name}", "",
+             f"{config.num_samples} samples per row, DDIM-{config.sampler.num_steps}"
+             f" ({config.sampler.spacing}), η = {config.sampler.eta}, seed {config.seed};"
+             f" reference {config.eval.dataset}/{config.eval.split}; {jax.device_count()}"
+             f" {jax.devices()[0].platform} device(s).", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(COLUMNS)
+    for r in results:
+        cells = [r["row"], _fmt(r["fid"]), _fmt(r["sfid"]), _fmt(r["precision"], 3),
+                 _fmt(r["recall"], 3), _fmt(r["l2_to_fp"], 3), _fmt(r["nfe"], 1),
+                 _fmt(r["nfe_full"], 1), _fmt(r["nfe_partial"], 1), _fmt(r["gflops"], 2),
+                 _fmt(r["seconds_per_1k"], 0),
+                 "–" if r["gain"] is None else f"{100 * r['gain']:+.1f}%",
+                 r["paper_fid"] or "–",
+                 f"{100 * r['paper_gain']:+.0f}%" if r["paper_gain"] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+        w.writerow([r["row"]] + [r[k] for k in ("fid", "sfid", "precision", "recall",
+                    "l2_to_fp", "nfe", "nfe_full", "nfe_partial", "gflops", "seconds_per_1k",
+                    "gain", "paper_fid", "paper_gain")])
+    lines += ["", "gain = (FID_baseline − FID_row) / FID_baseline; paper gain = the same for"
+              " the paper's CIFAR-10 cells. L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
+    write_text(os.path.join(workdir, f"{config.table}.md"), "\n".join(lines) + "\n")
+    write_text(os.path.join(workdir, f"{config.table}.csv"), buf.getvalue())
+    write_json(os.path.join(workdir, f"{config.table}_result.json"),
+               dict(name=config.name, rows=results))
+
+
+def _plots(workdir: str, config, rows: list[RowSpec], results: list[dict], ref: Optional[RowSpec]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from iec_jax.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    refdir = os.path.join(workdir, "rows", ref.slug) if ref else None
+    ref_traj = None
+    if refdir and os.path.exists(os.path.join(refdir, "trajectory.npz")):
+        with np.load(os.path.join(refdir, "trajectory.npz")) as f:
+            ref_traj = f["trajectory"].astype(np.float64)
+    if ref_traj is not None:
+        for row in rows:
+            if row.name == ref.name:
+                continue
+            with np.load(os.path.join(workdir, "rows", row.slug, "trajectory.npz")) as f:
+                traj = f["trajectory"].astype(np.float64)
+            if traj.shape != ref_traj.shape:
+                continue  # another step grid (compute-matched rows)
+            d = np.sqrt(((traj - ref_traj) ** 2).reshape(traj.shape[0], traj.shape[1], -1).sum(-1))
+            ax.semilogy(np.arange(1, len(d) + 1), d.mean(1), label=row.name,
+                        ls="-" if row.iec == "none" else "--")
+        ax.set_xlabel("sampling step")
+        ax.set_ylabel("mean ‖x_t − x_t^FP‖₂")
+        ax.set_title(f"{config.name}: error growth against the FP trajectory", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        with atomic_path(os.path.join(workdir, f"{config.table}_error_growth.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results:
+        if r["fid"] is None or r["nfe"] is None:
+            continue
+        ax.scatter(r["nfe"], r["fid"], marker="o" if "IEC" not in r["row"] else "^")
+        ax.annotate(r["row"], (r["nfe"], r["fid"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("NFE per sample (full + partial)")
+    ax.set_ylabel("FID")
+    ax.set_title(f"{config.name}: FID against NFE", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(os.path.join(workdir, f"{config.table}_fid_vs_nfe.png")) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run(config, workdir: str) -> list[dict]:
+    """Run (or resume) every selected row, then write the table and the plots."""
+    start = time.time()
+    rows = _select_rows(config)
+    all_rows = {r.name: r for r in (RowSpec.from_dict(d) for d in config.rows)}
+    ref = all_rows.get(config.reference_row)
+    if ref is None:
+        raise ValueError(f"reference_row {config.reference_row!r} is not a row of this table")
+    if ref.quant or ref.cache_interval or ref.iec != "none" or ref.num_steps:
+        raise ValueError(f"reference_row {ref.name!r} must be the plain full-precision row")
+    os.makedirs(workdir, exist_ok=True)
+    if not re.match(r"^[A-Za-z0-9_-]+$", config.table):
+        raise ValueError(f"config.table must be a plain file stem, got {config.table!r}")
+    write_json(os.path.join(workdir, f"{config.table}_config.json"), config.to_dict())
+    table = Table(config, workdir)
+    flops = _flops(table.unet_config, table.params, table.shape, tuple(config.cache_point),
+                   config.model.dtype)
+    refstats = reference_features(config.eval.dataset, config.eval.split,
+                                  data_dir=config.eval.data_dir,
+                                  batch_size=config.eval.inception_batch_size)
+    # The FP row first: the others are compared with it.
+    order = sorted(rows, key=lambda r: r.name != ref.name)
+    out: dict[str, dict] = {}
+    for i, row in enumerate(order):
+        print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
+        rowdir = os.path.join(workdir, "rows", row.slug)
+        res = _run_row(table, row, rowdir)
+        m = compute_metrics(res["features"], refstats, frechet_method=config.eval.frechet_method)
+        p = res["progress"]
+        nfe_full, nfe_partial = p.per_sample("nfe_full"), p.per_sample("nfe_partial")
+        gflops = (None if nfe_full is None else
+                  (nfe_full * flops["full"] + nfe_partial * flops["partial"]) / 1e9)
+        timed = p.data["timed_samples"]
+        out[row.name] = dict(
+            row=row.name, fid=m["fid"], sfid=m["sfid"], precision=m["precision"],
+            recall=m["recall"],
+            l2_to_fp=_l2_to(rowdir, os.path.join(workdir, "rows", ref.slug), config),
+            nfe=p.per_sample("nfe"), nfe_full=nfe_full, nfe_partial=nfe_partial,
+            corrections=p.per_sample("corrections"), gflops=gflops,
+            seconds_per_1k=1000 * p.data["timed_seconds"] / timed if timed else None,
+            baseline=row.baseline, gain=None, paper_fid=row.paper_fid,
+            paper_gain=row.paper_gain, num_samples=int(config.num_samples),
+        )
+        print("  " + ", ".join(f"{k}={_fmt(v, 4)}" for k, v in out[row.name].items()
+                               if k in ("fid", "sfid", "l2_to_fp", "nfe")), flush=True)
+    for r in out.values():
+        b = out.get(r["baseline"])
+        if b is not None:
+            r["gain"] = (b["fid"] - r["fid"]) / b["fid"]
+    results = [out[r.name] for r in rows]
+    _write_outputs(workdir, config, results)
+    _plots(workdir, config, rows, results, ref if ref.name in out else None)
+    md = os.path.join(workdir, f"{config.table}.md")
+    print(f"table: {md} ({time.time() - start:.0f} s)")
+    print(Path(md).read_text())
+    return results

@@ -1,0 +1,140 @@
+"""The table job (experiments.reproduce) end to end on a tiny setting, its resumption,
+and its validation of rows and run directories."""
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs.base import table_config, table_row
+from configs.fmnist import table1, table2, table3, table5
+from iec_jax.run import reproduce
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
+
+
+def _config():
+    c = table_config(str(SHARED), model_name="fmnist-ddpm")
+    c.name, c.table = "tiny", "tiny"
+    c.num_samples, c.batch_size, c.shard_size, c.trajectory_samples = 4, 2, 4, 2
+    c.sampler.num_steps = 4
+    c.calibration.update(dict(num_samples=4, batch_size=4, per_step_full=4, per_step_cached=2,
+                              dps_samples=2))
+    c.eval.update(dict(split="test[:64]", inception_batch_size=4, frechet_method="eigh"))
+    c.rows = [
+        table_row("FP"),
+        table_row("CacheQuant W8A8 N=2", quant="W8A8", cache_interval=2, dec=True,
+                  cache_schedule="dps"),
+        table_row("CacheQuant W8A8 N=2 + IEC", quant="W8A8", cache_interval=2, dec=True,
+                  cache_schedule="dps", iec="official_ddpm",
+                  baseline="CacheQuant W8A8 N=2", paper_gain=0.21),
+    ]
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("reproduce")
+    results = reproduce.run(_config(), str(work))
+    return work, results
+
+
+def test_tiny_table_end_to_end(tiny_run):
+    work, results = tiny_run
+    assert [r["row"] for r in results] == [r["name"] for r in _config().rows]
+    assert len(results) == 3
+    by = {r["row"]: r for r in results}
+    for r in results:
+        assert np.isfinite(r["fid"]) and np.isfinite(r["l2_to_fp"])
+    assert by["FP"]["l2_to_fp"] == 0.0
+    assert by["CacheQuant W8A8 N=2"]["l2_to_fp"] > 0
+    # NFE bookkeeping: 4 steps, 2 DPS groups -> 2 full passes and 2 partial ones; IEC adds
+    # one full pass at each full step (unless the batch-global test stops it early).
+    base, iec = by["CacheQuant W8A8 N=2"], by["CacheQuant W8A8 N=2 + IEC"]
+    assert by["FP"]["nfe"] == 4 and by["FP"]["nfe_partial"] == 0
+    assert base["nfe_full"] == 2 and base["nfe_partial"] == 2
+    assert iec["nfe_partial"] == 2 and 2 < iec["nfe_full"] <= 4
+    assert iec["gain"] == pytest.approx((base["fid"] - iec["fid"]) / base["fid"])
+    assert iec["gflops"] > base["gflops"] > 0
+    for name in ("tiny.md", "tiny.csv", "tiny_result.json", "tiny_error_growth.png",
+                 "tiny_fid_vs_nfe.png", "tiny_config.json"):
+        assert (work / name).stat().st_size > 0, name
+    with open(work / "tiny.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert "| CacheQuant W8A8 N=2 + IEC |" in (work / "tiny.md").read_text()
+    # Calibration artifacts are named by model, steps, interval, schedule and bits.
+    names = sorted(os.listdir(work / "artifacts"))
+    assert "fmnist-ddpm_S4_N2_dps_W8A8_dec.npz" in names, names
+    assert "fmnist-ddpm_S4_N2_dps_dec.npz" in names, names
+
+
+def test_samples_are_float_and_match_the_trajectories(tiny_run):
+    work, _ = tiny_run
+    for row in ("FP", "CacheQuant_W8A8_N_2_plus_IEC"):
+        with np.load(work / "rows" / row / "samples" / "samples_00000.npz") as f:
+            x0 = f["arr_0"]
+        with np.load(work / "rows" / row / "trajectory.npz") as f:
+            traj = f["trajectory"]
+        assert x0.dtype == np.float32 and x0.shape == (4, 32, 32, 1)
+        # The trajectory run uses the shards' seeds (sample i from (seed, i)): same x_0.
+        assert traj.shape == (4, 2, 32, 32, 1)
+        np.testing.assert_allclose(traj[-1], x0[:2], atol=1e-4)
+
+
+def test_resume_does_no_work_and_refuses_other_settings(tiny_run):
+    work, results = tiny_run
+    progress = {p: p.read_text() for p in (work / "rows").glob("*/progress.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in (work / "rows").rglob("*.npz")}
+    again = reproduce.run(_config(), str(work))
+    assert [r["fid"] for r in again] == [r["fid"] for r in results]
+    assert {p: p.read_text() for p in progress} == progress
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    other = _config()
+    other.seed = 7
+    with pytest.raises(ValueError, match="other settings"):
+        reproduce.run(other, str(work))
+
+
+def test_only_selects_rows(tiny_run):
+    work, _ = tiny_run
+    c = _config()
+    c.only = "FP, CacheQuant W8A8 N=2"
+    assert [r["row"] for r in reproduce.run(c, str(work))] == ["FP", "CacheQuant W8A8 N=2"]
+    c.only = "FP,nope"
+    with pytest.raises(ValueError, match="unknown rows"):
+        reproduce.run(c, str(work))
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(quant="W8"), "quant must look like"),
+    (dict(dec=True), "needs a cache"),
+    (dict(iec="fancy"), "iec must be"),
+    (dict(iec_steps="head_tail", iec="official_ddpm"), "fraction"),
+    (dict(fraction=0.1), "IEC options are set"),
+    (dict(cache_schedule="random", cache_interval=2), "cache_schedule"),
+])
+def test_bad_rows_raise(fields, match):
+    with pytest.raises(ValueError, match=match):
+        reproduce.RowSpec.from_dict(table_row("x", **fields))
+
+
+def test_table_configs_are_complete():
+    for module in (table1, table2, table3, table5):
+        for variant in (None, "quick", "gpu", "smoke"):
+            c = module.get_config(variant)
+            rows = [reproduce.RowSpec.from_dict(r) for r in c.rows]
+            names = [r.name for r in rows]
+            assert "FP" in names and len(set(names)) == len(names)
+            assert all(r.baseline in names for r in rows if r.baseline)
+            assert any(r.iec != "none" for r in rows)
+        text = Path(module.__file__).read_text()
+        assert "python -m experiments.reproduce --config configs/fmnist/" in text
+    # The paper's cells are in the rows.
+    paper = {r["name"]: r["paper_fid"] for r in table1.get_config().rows}
+    assert paper["W8A8"] == "4.32" and paper["W8A8 + IEC"] == "3.76"
+    gains = {r["name"]: r["paper_gain"] for r in table2.get_config().rows}
+    assert gains["DeepCache N=10 + IEC"] == 0.20 and gains["DeepCache N=15 + IEC"] == 0.15
