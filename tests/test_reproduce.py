@@ -99,6 +99,19 @@ def test_resume_does_no_work_and_refuses_other_settings(tiny_run):
         reproduce.run(other, str(work))
 
 
+def test_calibration_is_one_deterministic_resumable_command(tiny_run, tmp_path):
+    work, _ = tiny_run
+    digests = reproduce.calibrate(_config(), str(tmp_path))
+    stored = json.loads((tmp_path / "artifacts" / "manifest.json").read_text())
+    assert digests == stored and len(digests) == 2
+    # The same bytes as the artifacts the table run computed on its own.
+    for name in digests:
+        assert (tmp_path / "artifacts" / name).read_bytes() == (work / "artifacts" / name).read_bytes()
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").glob("*.npz")}
+    assert reproduce.calibrate(_config(), str(tmp_path)) == digests  # resumed: nothing redone
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
 def test_only_selects_rows(tiny_run):
     work, _ = tiny_run
     c = _config()

@@ -53,7 +53,7 @@ from iec_jax.io import write_json, write_npz, write_text
 from iec_jax.run.common import build_schedule, load_unet
 from iec_jax.run.evaluate import _features, center_crop, compute_metrics, reference_features
 
-__all__ = ["RowSpec", "run", "parse_bits"]
+__all__ = ["RowSpec", "run", "calibrate", "parse_bits"]
 
 _QUANT = re.compile(r"^W(\d+)A(\d+)$")
 
@@ -502,3 +502,27 @@ def run(config, workdir: str) -> list[dict]:
     print(f"table: {md} ({time.time() - start:.0f} s)")
     print(Path(md).read_text())
     return results
+
+
+def calibrate(config, workdir: str) -> dict[str, str]:
+    """Only the calibration of the selected rows (``experiments/calibrate.py``): FP
+    trajectories, cache schedules (DPS), cache-DEC, activation tables and quant-DEC, each
+    written once to ``<workdir>/artifacts/`` (resumable: present artifacts are loaded and
+    checked, not recomputed; deterministic given ``calibration.seed``). Returns and writes
+    (``artifacts/manifest.json``) each artifact's SHA-256."""
+    from iec_jax.io import file_digest
+
+    rows = _select_rows(config)
+    table = Table(config, workdir)
+    for row in rows:
+        if row.quant or row.cache_interval:
+            print(f"calibrating {row.name}", flush=True)
+            table.denoiser(row)
+    art = os.path.join(workdir, "artifacts")
+    names = sorted(n for n in os.listdir(art) if n.endswith(".npz")) if os.path.isdir(art) else []
+    digests = {n: file_digest(os.path.join(art, n), "sha256") for n in names}
+    if names:
+        write_json(os.path.join(art, "manifest.json"), digests)
+    for n, d in digests.items():
+        print(f"{d[:16]}  {n}")
+    return digests
