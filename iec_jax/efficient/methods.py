@@ -14,8 +14,8 @@ The official CacheQuant/IEC pipeline order (PAPER.md §6.4) is followed:
 3. cache-DEC (when ``dec``): per-step, per-channel (a, b) regressing each step's FP
    feature on the feature of the last full step;
 4. activation quantizer tables: per step, 64 / 32 random FP samples at full / cached steps
-   (the cached ones through the partial pass on the DEC-corrected cache); weights by the
-   per-channel MSE search;
+   (the cached ones through the partial pass on the DEC-corrected cache), shared by all
+   weight bit-widths; weights by the per-channel MSE search;
 5. quant-DEC (when ``dec`` and quantized) on the conv consuming the cached feature.
 
 Every artifact is written once under ``artifact_dir`` with a key naming model, steps,
@@ -27,6 +27,7 @@ are large: ~7 MB per sample at S = 100 for fmnist-ddpm, so they are not stored).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Optional
 
@@ -35,6 +36,7 @@ import numpy as np
 from iec_jax.efficient import cache as cache_lib
 from iec_jax.efficient import calibration as calib_lib
 from iec_jax.efficient import quant as quant_lib
+from iec_jax.io import write_json
 from iec_jax.models import UNet
 from iec_jax.schedule import NoiseSchedule, make_timesteps
 
@@ -65,6 +67,30 @@ class MethodBuilder:
     def _path(self, stem: str) -> str:
         return os.path.join(self.artifact_dir, stem + ".npz")
 
+    def _quant_meta(self, num_steps, interval, kind, bits, dec) -> dict:
+        c = self.calib
+        meta = self._meta(num_steps, interval, kind, bits=bits, dec=dec)
+        meta.update(calib_samples=int(c.num_samples), calib_seed=int(c.seed),
+                    per_step_full=int(c.per_step_full), per_step_cached=int(c.per_step_cached),
+                    act_batch_size=int(c.act_batch_size))
+        if interval and kind == "dps":
+            meta.update(dps_samples=int(c.dps_samples))
+        return meta
+
+    def _have(self, path: str, meta: dict) -> bool:
+        """A quantizer artifact ``path`` is reused only with its sidecar ``.json`` equal to
+        ``meta`` (written after the .npz: a missing sidecar means an interrupted write)."""
+        side = path[:-4] + ".json"
+        if not (os.path.exists(path) and os.path.exists(side)):
+            return False
+        with open(side) as f:
+            stored = json.load(f)
+        if stored != json.loads(json.dumps(meta)):
+            diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
+            raise ValueError(f"{path} was calibrated with other settings ({diff}); remove it or"
+                             " use another --workdir")
+        return True
+
     def timesteps(self, num_steps: int) -> np.ndarray:
         return make_timesteps(self.schedule.num_timesteps, num_steps, self.spacing)
 
@@ -81,14 +107,20 @@ class MethodBuilder:
         return self._traj[num_steps]
 
     def _meta(self, num_steps, interval, kind, bits=None, dec=False) -> dict:
+        """What an artifact depends on (and nothing else, so that unrelated calibration
+        settings do not invalidate it)."""
         c = self.calib
-        return dict(model=self.model_name, num_steps=int(num_steps), interval=int(interval),
+        meta = dict(model=self.model_name, num_steps=int(num_steps), interval=int(interval),
                     schedule=kind, spacing=self.spacing, cache_point=list(self.cache_point),
                     bits="float" if bits is None else f"W{bits[0]}A{bits[1]}", dec=bool(dec),
-                    calib_samples=int(c.num_samples), calib_seed=int(c.seed),
-                    per_step_full=int(c.per_step_full), per_step_cached=int(c.per_step_cached),
-                    dps_samples=int(c.dps_samples), center=self._center(num_steps),
-                    pow=float(c.nonuniform_pow), dtype=self.dtype)
+                    dtype=self.dtype)
+        if kind == "nonuniform":
+            meta.update(center=self._center(num_steps), pow=float(c.nonuniform_pow))
+        if kind == "dps" or dec:
+            meta.update(calib_samples=int(c.num_samples), calib_seed=int(c.seed))
+        if kind == "dps":
+            meta.update(dps_samples=int(c.dps_samples))
+        return meta
 
     def _center(self, num_steps: int) -> int:
         c = self.calib.nonuniform_center
@@ -114,29 +146,52 @@ class MethodBuilder:
         calib_lib.save_cache_artifacts(path, full, d, meta)
         return full, d
 
-    def quant_state(self, num_steps: int, bits: tuple, interval: int, kind: str, dec: bool):
-        """Calibrated QuantState for this cache setting (interval 0: no cache)."""
-        key_interval = interval or 1
-        stem = calib_lib.artifact_key(self.model_name, num_steps, key_interval,
-                                      kind if interval else "nocache", *bits) + (
+    def act_tables(self, num_steps: int, act_bits: int, interval: int, kind: str, dec: bool):
+        """Per-step activation tables. They depend on the activation bits and the cache
+        setting only: the official calibration runs the float weights with the activation
+        quantizers on (``set_quant_state(False, True)``), and conv_in / conv_out inputs
+        are 8-bit whatever the configured bits. So W8A8 and W4A8 share one calibration."""
+        stem = calib_lib.artifact_key(self.model_name, num_steps, interval or 1,
+                                      kind if interval else "nocache") + f"_A{act_bits}" + (
             "_dec" if dec else "")
-        qcfg = quant_lib.QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+        qcfg = quant_lib.QuantConfig(weight_bits=quant_lib.NO_QUANT_BITS, act_bits=act_bits)
         path = self._path(stem)
-        if os.path.exists(path):
-            return quant_lib.load_quant_state(path, config=qcfg, unet_config=self.unet.config)
+        meta = self._quant_meta(num_steps, interval, kind, (quant_lib.NO_QUANT_BITS, act_bits), dec)
+        if self._have(path, meta):
+            return quant_lib.load_quant_state(path, config=qcfg, unet_config=self.unet.config).act
         if interval:
             full, cdec = self.cache_artifacts(num_steps, interval, kind, dec)
         else:
             full, cdec = np.ones(num_steps, bool), None
-        traj = self.trajectories(num_steps)
         c = self.calib
-        steps = calib_lib.calibration_set(traj, full, per_step_full=c.per_step_full,
+        steps = calib_lib.calibration_set(self.trajectories(num_steps), full,
+                                          per_step_full=c.per_step_full,
                                           per_step_cached=c.per_step_cached, seed=c.seed,
                                           dec=cdec)
         qstate = quant_lib.build_quant_state(self.unet, self.params, steps, qcfg,
                                              cache_point=self.cache_point,
                                              batch_size=c.act_batch_size)
+        quant_lib.save_quant_state(path, qstate, unet_config=self.unet.config)
+        write_json(path[:-4] + ".json", meta)
+        return qstate.act
+
+    def quant_state(self, num_steps: int, bits: tuple, interval: int, kind: str, dec: bool):
+        """Calibrated QuantState for this cache setting (interval 0: no cache): weights by
+        the MSE search, the shared activation tables, and quant-DEC when ``dec``."""
+        stem = calib_lib.artifact_key(self.model_name, num_steps, interval or 1,
+                                      kind if interval else "nocache", *bits) + (
+            "_dec" if dec else "")
+        qcfg = quant_lib.QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+        path = self._path(stem)
+        meta = self._quant_meta(num_steps, interval, kind, bits, dec)
+        if self._have(path, meta):
+            return quant_lib.load_quant_state(path, config=qcfg, unet_config=self.unet.config)
+        act = self.act_tables(num_steps, bits[1], interval, kind, dec)
+        qstate = quant_lib.QuantState(quant_lib.quantize_params(self.unet, self.params, qcfg),
+                                      act, None, qcfg, None)
         if dec:
+            full, cdec = self.cache_artifacts(num_steps, interval, kind, dec)
+            traj = self.trajectories(num_steps)
             # The feature entering the cache point at each step: FP at full steps, the
             # DEC-corrected cached feature at cached steps (official all_cache_after_cacheadd).
             src = cache_lib.last_full_index(full)
@@ -149,6 +204,7 @@ class MethodBuilder:
             qstate = quant_lib.fit_quant_dec(self.unet, self.params, qstate, feats,
                                              cache_point=self.cache_point)
         quant_lib.save_quant_state(path, qstate, unet_config=self.unet.config)
+        write_json(path[:-4] + ".json", meta)
         return qstate
 
     # --------------------------------------------------------------------- building

@@ -230,12 +230,23 @@ class Table:
         )
 
     def row_meta(self, row: RowSpec) -> dict:
+        """What the row's samples depend on (the calibration only where it is used)."""
         c = self.config
-        return dict(row=dataclasses.asdict(row), model=c.model.to_dict(),
+        meta = dict(row=dataclasses.asdict(row), model=c.model.to_dict(),
                     schedule=c.schedule.to_dict(), sampler=c.sampler.to_dict(),
                     num_steps=self.num_steps(row), seed=int(c.seed),
-                    cache_point=list(c.cache_point), calibration=c.calibration.to_dict(),
+                    cache_point=list(c.cache_point),
                     num_samples=int(c.num_samples), shard_size=int(c.shard_size))
+        cal = c.calibration
+        if row.quant:
+            meta["calibration"] = cal.to_dict()
+        elif row.dec or (row.cache_interval and row.cache_schedule == "dps"):
+            meta["calibration"] = dict(num_samples=cal.num_samples, seed=cal.seed,
+                                       dps_samples=cal.dps_samples)
+        elif row.cache_interval and row.cache_schedule == "nonuniform":
+            meta["calibration"] = dict(nonuniform_center=cal.nonuniform_center,
+                                       nonuniform_pow=cal.nonuniform_pow)
+        return meta
 
 
 def _check_row_dir(rowdir: str, meta: dict) -> None:
