@@ -90,6 +90,7 @@ def table_config(source: str, *, model_name: str, spacing: str = "quad",
     c.shard_size = 1_000
     c.trajectory_samples = 16  # paired float trajectories for the error-growth plot
     c.reference_row = "FP"  # the full-precision row: L2 distances and error growth
+    c.bootstrap = 0  # paired-bootstrap replicates for the gains' 95% intervals (0: off)
     c.only = placeholder(str)  # comma-separated row names: run a subset
     # act_batch_size: the activation search's batch (official: min(batch, samples of the
     # step), kept once it shrinks). nonuniform_center / _pow: DeepCache's non-uniform

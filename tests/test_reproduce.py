@@ -20,6 +20,7 @@ SHARED = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
 def _config():
     c = table_config(str(SHARED), model_name="fmnist-ddpm")
     c.name, c.table = "tiny", "tiny"
+    c.bootstrap = 5
     c.num_samples, c.batch_size, c.shard_size, c.trajectory_samples = 4, 2, 4, 2
     c.sampler.num_steps = 4
     c.calibration.update(dict(num_samples=4, batch_size=4, per_step_full=4, per_step_cached=2,
@@ -59,6 +60,8 @@ def test_tiny_table_end_to_end(tiny_run):
     assert base["nfe_full"] == 2 and base["nfe_partial"] == 2
     assert iec["nfe_partial"] == 2 and 2 < iec["nfe_full"] <= 4
     assert iec["gain"] == pytest.approx((base["fid"] - iec["fid"]) / base["fid"])
+    lo, hi = iec["gain_ci95"]
+    assert lo <= hi and np.isfinite([lo, hi]).all()
     assert iec["gflops"] > base["gflops"] > 0
     for name in ("tiny.md", "tiny.csv", "tiny_result.json", "tiny_error_growth.png",
                  "tiny_fid_vs_nfe.png", "tiny_config.json"):
@@ -151,3 +154,17 @@ def test_table_configs_are_complete():
     assert paper["W8A8"] == "4.32" and paper["W8A8 + IEC"] == "3.76"
     gains = {r["name"]: r["paper_gain"] for r in table2.get_config().rows}
     assert gains["DeepCache N=10 + IEC"] == 0.20 and gains["DeepCache N=15 + IEC"] == 0.15
+
+
+def test_paired_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    ref_feats = rng.normal(size=(400, 2048))
+    from iec_jax import metrics
+
+    ref = metrics.FeatureStats.from_features(ref_feats).to_arrays()
+    base = rng.normal(size=(200, 2048)) + 0.3
+    better = base - 0.2  # closer to the reference mean
+    lo, hi = reproduce.paired_bootstrap_gain(base, better, ref, replicates=20)
+    assert 0 < lo <= hi < 1
+    lo, hi = reproduce.paired_bootstrap_gain(base, base, ref, replicates=5)
+    assert lo == hi == 0

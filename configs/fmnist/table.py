@@ -29,6 +29,7 @@ def table_config(table: str, arg=None):
         c.num_samples, c.batch_size, c.shard_size = 500, 100, 500
         # CPU-sized calibration (official: 512 samples, 64 / 32 per full / cached step).
         c.calibration.update(dict(num_samples=128, per_step_full=16, per_step_cached=8))
+        c.bootstrap = 50
     elif arg == "smoke":
         c.num_samples, c.batch_size, c.shard_size = 8, 4, 8
         c.trajectory_samples = 2

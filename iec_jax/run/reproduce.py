@@ -53,7 +53,7 @@ from iec_jax.io import write_json, write_npz, write_text
 from iec_jax.run.common import build_schedule, load_unet
 from iec_jax.run.evaluate import _features, center_crop, compute_metrics, reference_features
 
-__all__ = ["RowSpec", "run", "calibrate", "parse_bits"]
+__all__ = ["RowSpec", "run", "calibrate", "parse_bits", "paired_bootstrap_gain"]
 
 _QUANT = re.compile(r"^W(\d+)A(\d+)$")
 
@@ -355,6 +355,27 @@ def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
     return dict(features=feats, progress=progress)
 
 
+def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: dict, *,
+                          replicates: int, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the relative FID gain (FID_base − FID_row) / FID_base under a
+    paired bootstrap: the same resampled sample indices for both rows (their samples
+    share x_T), the reference statistics fixed. FIDs by the symmetric ``eigh`` form."""
+    from iec_jax import metrics
+
+    if len(feats_base) != len(feats_row):
+        raise ValueError("paired bootstrap needs the same samples in both rows")
+    ref_stats = metrics.FeatureStats.from_arrays(ref)
+    rng = np.random.default_rng(seed)
+    gains = []
+    for _ in range(int(replicates)):
+        idx = rng.integers(0, len(feats_base), len(feats_base))
+        fb, fr = (metrics.FeatureStats.from_features(f[idx]).frechet_distance(
+            ref_stats, method="eigh") for f in (feats_base, feats_row))
+        gains.append((fb - fr) / fb)
+    lo, hi = np.quantile(gains, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
 def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
     a = _float_shards(os.path.join(rowdir, "samples"), config)
     b = _float_shards(os.path.join(refdir, "samples"), config)
@@ -386,21 +407,26 @@ def _write_outputs(workdir: str, config, results: list[dict]) -> None:
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(COLUMNS)
+    w.writerow(COLUMNS + ("gain 95% interval",))
     for r in results:
         cells = [r["row"], _fmt(r["fid"]), _fmt(r["sfid"]), _fmt(r["precision"], 3),
                  _fmt(r["recall"], 3), _fmt(r["l2_to_fp"], 3), _fmt(r["nfe"], 1),
                  _fmt(r["nfe_full"], 1), _fmt(r["nfe_partial"], 1), _fmt(r["gflops"], 2),
                  _fmt(r["seconds_per_1k"], 0),
-                 "–" if r["gain"] is None else f"{100 * r['gain']:+.1f}%",
+                 "–" if r["gain"] is None else f"{100 * r['gain']:+.1f}%" + (
+                     "" if not r.get("gain_ci95") else
+                     f" [{100 * r['gain_ci95'][0]:+.1f}, {100 * r['gain_ci95'][1]:+.1f}]"),
                  r["paper_fid"] or "–",
                  f"{100 * r['paper_gain']:+.0f}%" if r["paper_gain"] else "–"]
         lines.append("| " + " | ".join(cells) + " |")
         w.writerow([r["row"]] + [r[k] for k in ("fid", "sfid", "precision", "recall",
                     "l2_to_fp", "nfe", "nfe_full", "nfe_partial", "gflops", "seconds_per_1k",
-                    "gain", "paper_fid", "paper_gain")])
+                    "gain", "paper_fid", "paper_gain")] + [r.get("gain_ci95")])
     lines += ["", "gain = (FID_baseline − FID_row) / FID_baseline; paper gain = the same for"
-              " the paper's CIFAR-10 cells. L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
+              " the paper's CIFAR-10 cells" + (
+                  f"; [a, b] = 95% paired-bootstrap interval ({config.bootstrap} replicates)"
+                  if config.bootstrap else "") +
+              ". L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
     write_text(os.path.join(workdir, f"{config.table}.md"), "\n".join(lines) + "\n")
     write_text(os.path.join(workdir, f"{config.table}.csv"), buf.getvalue())
     write_json(os.path.join(workdir, f"{config.table}_result.json"),
@@ -480,11 +506,13 @@ def run(config, workdir: str) -> list[dict]:
     # The FP row first: the others are compared with it.
     order = sorted(rows, key=lambda r: r.name != ref.name)
     out: dict[str, dict] = {}
+    pools: dict[str, np.ndarray] = {}
     for i, row in enumerate(order):
         print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
         rowdir = os.path.join(workdir, "rows", row.slug)
         res = _run_row(table, row, rowdir)
         m = compute_metrics(res["features"], refstats, frechet_method=config.eval.frechet_method)
+        pools[row.name] = res["features"]["pool"]
         p = res["progress"]
         nfe_full, nfe_partial = p.per_sample("nfe_full"), p.per_sample("nfe_partial")
         gflops = (None if nfe_full is None else
@@ -504,8 +532,12 @@ def run(config, workdir: str) -> list[dict]:
                                if k in ("fid", "sfid", "l2_to_fp", "nfe")), flush=True)
     for r in out.values():
         b = out.get(r["baseline"])
+        r["gain_ci95"] = None
         if b is not None:
             r["gain"] = (b["fid"] - r["fid"]) / b["fid"]
+            if config.bootstrap and pools[r["row"]].shape == pools[b["row"]].shape:
+                r["gain_ci95"] = paired_bootstrap_gain(
+                    pools[b["row"]], pools[r["row"]], refstats, replicates=config.bootstrap)
     results = [out[r.name] for r in rows]
     _write_outputs(workdir, config, results)
     _plots(workdir, config, rows, results, ref if ref.name in out else None)
