@@ -83,9 +83,8 @@ def test_killed_runs_resume_to_identical_shards_and_fid(uninterrupted, env):
         pipeline.np.savez = dying_savez
         sys.argv = {_cmd(work, tmp)[3:]!r}
         sys.argv.insert(0, "evaluate")
-        from experiments import evaluate
-        from absl import app
-        app.run(evaluate.main)
+        import runpy
+        runpy.run_module("experiments.evaluate", run_name="__main__")
     """)
     res = subprocess.run([sys.executable, "-c", driver], cwd=ROOT, env=e, capture_output=True,
                          text=True)
