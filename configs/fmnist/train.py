@@ -4,7 +4,7 @@ Command:
   python -m experiments.train --config configs/fmnist/train.py --workdir runs/train/fmnist
 Variants (``:arg``): ``gpu`` (batch 512, for one accelerator), ``smoke`` (a tiny model,
 4 steps: the tests' end-to-end run). Overrides, e.g.: --config.training.num_steps=2000
---config.data.data_dir=/tmp/tfds --config.model.dtype=bfloat16
+--config.data.data_dir=runs/tfds --config.model.dtype=bfloat16
 Then sample the EMA model:
   python -m experiments.sample --config configs/fmnist/ddim.py --workdir runs/train/fmnist-ddim \
       --config.model.source=runs/train/fmnist/model
