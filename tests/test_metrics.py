@@ -87,6 +87,26 @@ def test_frechet_distance_methods_agree(n):
         sx.frechet_distance(sy, method="svd")
 
 
+@pytest.mark.parametrize("n", [12, 64])  # fewer samples than dimensions (Gram form), more
+def test_resampled_frechet_equals_recomputed_statistics(n):
+    rng = np.random.default_rng(3)
+    d = 24
+    mix = rng.normal(size=(d, d))
+    ref = metrics.FeatureStats.from_features(rng.normal(size=(200, d)) @ mix + 1.0)
+    feats = rng.normal(size=(n, d)) @ (0.5 * mix) + rng.normal(size=d)
+    resampled = metrics.ResampledFrechet(feats, ref)
+    for k in range(4):
+        idx = rng.integers(0, n, n if k else 5)  # repeats; a short resample too
+        direct = metrics.FeatureStats.from_features(feats[idx])
+        want = direct.frechet_distance(ref, method="sqrtm")
+        assert resampled(idx) == pytest.approx(want, rel=1e-7)
+        assert resampled(idx) == pytest.approx(direct.frechet_distance(ref, method="eigh"), rel=1e-7)
+    with pytest.raises(ValueError, match="length >= 2"):
+        resampled(np.array([0]))
+    with pytest.raises(ValueError, match="dimension"):
+        metrics.ResampledFrechet(feats[:, :3], ref)
+
+
 def test_frechet_distance_shape_errors():
     with pytest.raises(ValueError, match="different lengths"):
         metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))

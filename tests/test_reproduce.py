@@ -168,3 +168,41 @@ def test_paired_bootstrap_interval():
     assert 0 < lo <= hi < 1
     lo, hi = reproduce.paired_bootstrap_gain(base, base, ref, replicates=5)
     assert lo == hi == 0
+
+
+def test_main_job_config_and_embedded_model():
+    """The README's main job: its rows, and the embedded model it runs on (shipped in the
+    repository with its training record, small enough to keep there)."""
+    from configs.fmnist import main
+    from iec_jax.models import CachePoint, cache_point_from_deepcache_branch, load_checkpoint
+
+    for variant in (None, "smoke"):
+        c = main.get_config(variant)
+        rows = [reproduce.RowSpec.from_dict(r) for r in c.rows]
+        names = [r.name for r in rows]
+        assert names[0] == "FP" and len(set(names)) == len(names)
+        assert all(r.baseline in names for r in rows if r.baseline)
+    with pytest.raises(ValueError, match="unknown config variant"):
+        main.get_config("nope")
+    model_dir = ROOT / main.EMBEDDED_MODEL
+    size = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+    assert size <= 10e6
+    unet_config, params = load_checkpoint(model_dir)
+    # DeepCache's DDPM branch 2 on the embedded model's three levels.
+    assert cache_point_from_deepcache_branch(2, unet_config) == CachePoint(*main.get_config().cache_point)
+    record = json.loads((model_dir / "training.json").read_text())
+    assert record["steps"] > 0 and record["num_params"] == sum(
+        int(np.prod(p.shape)) for p in __import__("jax").tree_util.tree_leaves(params))
+    assert "configs/fmnist/train.py:cpu" in record["command"]
+    # At that cache point a partial pass fed the full pass's feature returns its ε.
+    import jax
+    import jax.numpy as jnp
+    from iec_jax.models import UNet
+
+    net, cp = UNet(unet_config), CachePoint(*main.get_config().cache_point)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 1))
+    t = jnp.array([500, 20], jnp.int32)
+    eps, feature = net.apply({"params": params}, x, t, cache_point=cp, return_feature=True)
+    partial = net.apply({"params": params}, x, t, cache_point=cp, cached_feature=feature)
+    np.testing.assert_allclose(np.asarray(partial), np.asarray(eps), rtol=0, atol=1e-5)
+    assert float(jnp.std(eps)) > 0.5  # a trained ε-predictor of unit-variance noise

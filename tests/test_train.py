@@ -230,7 +230,7 @@ def test_unknown_config_fields_and_variants_are_rejected():
 def test_default_config_is_small_enough_to_ship():
     from iec_jax.models.unet import UNet, count_params
 
-    for variant in ("", "gpu"):
+    for variant in ("", "gpu", "cpu"):
         c = train.TrainConfig.from_config(get_config(variant))
         n = count_params(jax.eval_shape(UNet(c.unet).init_params, jax.random.key(0)))
         assert n * 4 <= 10e6, n

@@ -3,7 +3,9 @@
 Command:
   python -m experiments.evaluate --config configs/fmnist/evaluate.py \
       --workdir runs/eval/fmnist-ddim100 [--config.num_samples=10000]
-Variants: ``smoke`` (tests: 12 samples, 4 steps); ``iec`` (IEC preset official_ddpm).
+Variants: ``smoke`` (tests: 12 samples, 4 steps); ``iec`` (IEC preset official_ddpm);
+``embedded`` (the project's own model, iec_jax/assets/fmnist-small, under the same
+evaluation).
 The samples (32×32, the model's padded resolution) are centre-cropped to 28×28 before
 the Inception network, to compare with the 28×28 Fashion-MNIST test split (10,000
 images, statistics cached by ``experiments.reference_stats``).
@@ -16,6 +18,8 @@ from configs.fmnist import ddim
 
 
 def get_config(arg: str | None = None):
+    from configs.fmnist import main
+
     variant = arg if arg in ("smoke",) else None
     c = ddim.get_config(variant)
     c.name = "fmnist DDIM-100"
@@ -36,6 +40,9 @@ def get_config(arg: str | None = None):
     elif arg == "iec":
         c.name = "fmnist DDIM-100 + IEC"
         c.iec.preset = "official_ddpm"
+    elif arg == "embedded":
+        c.name = "fmnist-small (embedded) DDIM-100"
+        c.model.source = main.EMBEDDED_MODEL
     elif arg not in (None, ""):
-        raise ValueError(f"unknown config variant {arg!r}; known: 'smoke', 'iec'")
+        raise ValueError(f"unknown config variant {arg!r}; known: 'smoke', 'iec', 'embedded'")
     return c

@@ -71,6 +71,21 @@ def get_config(arg: str | None = None):
         c.optimizer.learning_rate = 4e-4
         c.optimizer.warmup_steps = 500
         c.training.checkpoint_every = 500
+    elif arg == "cpu":
+        # What a 2-core CPU can train in about 1.5 hours: the embedded model shipped in
+        # iec_jax/assets/ (see its training.json). Half the width at 32 x 32 and 16 x 16
+        # (926,817 parameters, 3.7 MB), no dropout, batch 64, a higher learning rate with a
+        # short warm-up, and an EMA horizon that suits a few thousand steps.
+        c.model.unet.block_out_channels = (16, 32, 64)
+        c.model.unet.norm_num_groups = 8
+        c.model.unet.dropout = 0.0
+        c.training.batch_size = 64
+        c.training.num_steps = 6_000
+        c.optimizer.learning_rate = 5e-4
+        c.optimizer.warmup_steps = 200
+        c.ema.decay = 0.9995
+        c.training.log_every = 50
+        c.training.checkpoint_every = 250
     elif arg == "smoke":
         # A tiny model and 4 steps on the real data (tests/test_train.py runs it).
         c.model.unet.block_out_channels = (8, 16)
@@ -87,5 +102,5 @@ def get_config(arg: str | None = None):
         c.training.checkpoint_every = 2
         c.training.keep_checkpoints = 2
     elif arg not in (None, ""):
-        raise ValueError(f"unknown config variant {arg!r}; known: 'gpu', 'smoke'")
+        raise ValueError(f"unknown config variant {arg!r}; known: 'gpu', 'cpu', 'smoke'")
     return c

@@ -1,6 +1,6 @@
 """Error propagation on the exact Gaussian-mixture oracle, with and without IEC.
 
-Command (the README's main job):
+Command:
   python -m experiments.propagation --config configs/oracle/propagation.py
 Smoke variant (CI, seconds):
   python -m experiments.propagation --config configs/oracle/propagation.py:smoke

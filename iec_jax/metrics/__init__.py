@@ -30,7 +30,8 @@ from iec_jax.metrics.features import (
     load_image_batch,
     save_image_batch,
 )
-from iec_jax.metrics.fid import FeatureStats, frechet_distance, load_statistics, save_statistics
+from iec_jax.metrics.fid import (FeatureStats, ResampledFrechet, frechet_distance, load_statistics,
+                                 save_statistics)
 from iec_jax.metrics.inception import (
     InceptionV3,
     convert_torchscript,
@@ -60,6 +61,7 @@ __all__ = [
     "default_torchscript_path",
     "evaluate",
     "frechet_distance",
+    "ResampledFrechet",
     "inception_cache_dir",
     "inception_score",
     "iter_features",

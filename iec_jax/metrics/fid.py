@@ -28,6 +28,7 @@ from iec_jax.metrics._io import PathLike, atomic_savez
 __all__ = [
     "FeatureStats",
     "frechet_distance",
+    "ResampledFrechet",
     "save_statistics",
     "load_statistics",
 ]
@@ -225,6 +226,53 @@ def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     root = v[:, keep] * np.sqrt(w[keep])
     m = root.T @ sigma2 @ root
     return float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None))))
+
+
+class ResampledFrechet:
+    """Fréchet distances of resamples of one feature set to fixed reference statistics,
+    for bootstrap intervals: ``ResampledFrechet(features, ref)(idx)`` equals
+    ``FeatureStats.from_features(features[idx]).frechet_distance(ref, method="eigh")``
+    (to round-off) for any index array ``idx`` of length m ≥ 2, repeats allowed.
+
+    With D = features − μ_ref (n × d), the Fréchet distance of a resample needs only the
+    n × n Gram matrices D Dᵀ and D Σ_ref Dᵀ: ‖x̄ − μ_ref‖² = 1ᵀ(D Dᵀ)[idx, idx]1 / m²,
+    tr Σ = (Σ_i ‖D_i‖² − m ‖x̄ − μ_ref‖²) / (m − 1), and the nonzero eigenvalues of
+    Σ_ref^½ Σ Σ_ref^½ are those of C (D Σ_ref Dᵀ)[idx, idx] C / (m − 1) (C: centring).
+    With fewer samples than dimensions (n < d) a resample costs one m × m symmetric
+    eigenproblem instead of a d × d one (~10 ms against ~1.5 s at m = 256, d = 2048, on
+    two CPU cores); otherwise the d × d form is used.
+    """
+
+    def __init__(self, features, reference: "FeatureStats"):
+        x = _as_features(features)
+        if x.shape[1] != reference.dim:
+            raise ValueError(f"features have dimension {x.shape[1]}, the reference {reference.dim}")
+        self.num = x.shape[0]
+        self._ref = reference
+        self._trace_ref = float(np.trace(reference.sigma))
+        self._gram = self.num < reference.dim
+        if self._gram:
+            d = x - reference.mu
+            self._dd = d @ d.T
+            self._dsd = (d @ reference.sigma) @ d.T
+        else:
+            self._x = x
+
+    def __call__(self, idx) -> float:
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or idx.size < 2:
+            raise ValueError(f"need a 1-d index array of length >= 2, got shape {idx.shape}")
+        if not self._gram:
+            return FeatureStats.from_features(self._x[idx]).frechet_distance(self._ref, method="eigh")
+        m = idx.size
+        dd = self._dd[np.ix_(idx, idx)]
+        mean_sq = float(dd.sum()) / m**2
+        trace = (float(np.trace(dd)) - m * mean_sq) / (m - 1)
+        k = self._dsd[np.ix_(idx, idx)]
+        g = k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True) + k.mean()
+        lam = np.linalg.eigvalsh((g + g.T) / 2) / (m - 1)
+        root_trace = float(np.sum(np.sqrt(np.clip(lam, 0.0, None))))
+        return mean_sq + trace + self._trace_ref - 2.0 * root_trace
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:

@@ -9,7 +9,8 @@ files an uninterrupted run writes):
    features of shard k, after the optional centre crop), written atomically;
 3. metrics against cached reference features of a dataset split
    (``reference_features``), written to ``result.json``, appended as a line to the
-   markdown table ``config.results_table`` and to ``metrics.jsonl``.
+   markdown table ``config.results_table`` and to ``metrics.jsonl``; ``grid.png`` shows
+   the first 64 samples.
 
 Sampling and feature extraction are data-parallel over the local devices (``jax.jit``
 with ``NamedSharding``). With ``config.distributed``, ``jax.distributed.initialize()`` is
@@ -107,8 +108,12 @@ class FeatureShards:
         return [k for k in range(self.samples.num_shards) if not os.path.exists(self.path(k))]
 
     def compute(self, k: int, crop: Optional[int], batch_size: int) -> None:
+        """Features of sample shard ``k``; float shards (x_0 in [-1, 1], as the table
+        jobs store them) are quantized with :func:`pipeline.to_uint8` first."""
         with np.load(self.samples.path(k)) as f:
             images, idx = f["arr_0"], f["indices"]
+        if images.dtype != np.uint8:
+            images = pipeline.to_uint8(images)
         feats = _features(center_crop(images, crop), batch_size)
         write_npz(self.path(k), indices=idx, **feats)
 
@@ -177,6 +182,8 @@ def run(config, workdir: str) -> dict:
     if pid != 0:
         return {}
 
+    with np.load(shards.path(0)) as f:  # the first 64 samples, for a look
+        pipeline.save_grid(os.path.join(workdir, "grid.png"), f["arr_0"][:64])
     ref = reference_features(config.eval.dataset, config.eval.split,
                              data_dir=config.eval.data_dir,
                              batch_size=config.eval.inception_batch_size)

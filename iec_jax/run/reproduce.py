@@ -51,7 +51,7 @@ import iec_jax
 from iec_jax import pipeline
 from iec_jax.io import write_json, write_npz, write_text
 from iec_jax.run.common import build_schedule, load_unet
-from iec_jax.run.evaluate import _features, center_crop, compute_metrics, reference_features
+from iec_jax.run.evaluate import FeatureShards, compute_metrics, reference_features
 
 __all__ = ["RowSpec", "run", "calibrate", "parse_bits", "paired_bootstrap_gain"]
 
@@ -336,22 +336,10 @@ def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
         traj = _trajectory(table, row, factory, fparams, int(config.trajectory_samples))
         write_npz(traj_path, trajectory=traj, timesteps=table.timesteps(row))
 
-    fdir = os.path.join(rowdir, "features")
-    for k in tqdm(range(shards.num_shards), desc=f"features {row.name}", unit="shard"):
-        path = os.path.join(fdir, f"features_{k:05d}.npz")
-        if os.path.exists(path):
-            continue
-        with np.load(shards.path(k)) as f:
-            images = pipeline.to_uint8(f["arr_0"])
-        feats = _features(center_crop(images, config.eval.crop), config.eval.inception_batch_size)
-        write_npz(path, indices=shards.indices(k), **feats)
-    parts = []
-    for k in range(shards.num_shards):
-        with np.load(os.path.join(fdir, f"features_{k:05d}.npz")) as f:
-            if not np.array_equal(f["indices"], shards.indices(k)):
-                raise ValueError(f"{fdir} holds features of another run; remove it")
-            parts.append({n: f[n] for n in f.files if n != "indices"})
-    feats = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+    features = FeatureShards(os.path.join(rowdir, "features"), shards)
+    for k in tqdm(features.missing(), desc=f"features {row.name}", unit="shard"):
+        features.compute(k, config.eval.crop, config.eval.inception_batch_size)
+    feats = features.load()
     return dict(features=feats, progress=progress)
 
 
@@ -359,18 +347,20 @@ def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: di
                           replicates: int, seed: int = 0) -> tuple[float, float]:
     """95% interval of the relative FID gain (FID_base − FID_row) / FID_base under a
     paired bootstrap: the same resampled sample indices for both rows (their samples
-    share x_T), the reference statistics fixed. FIDs by the symmetric ``eigh`` form."""
+    share x_T), the reference statistics fixed. FIDs by the symmetric ``eigh`` form
+    (:class:`iec_jax.metrics.ResampledFrechet`)."""
     from iec_jax import metrics
 
     if len(feats_base) != len(feats_row):
         raise ValueError("paired bootstrap needs the same samples in both rows")
     ref_stats = metrics.FeatureStats.from_arrays(ref)
+    fid_base = metrics.ResampledFrechet(feats_base, ref_stats)
+    fid_row = metrics.ResampledFrechet(feats_row, ref_stats)
     rng = np.random.default_rng(seed)
     gains = []
     for _ in range(int(replicates)):
         idx = rng.integers(0, len(feats_base), len(feats_base))
-        fb, fr = (metrics.FeatureStats.from_features(f[idx]).frechet_distance(
-            ref_stats, method="eigh") for f in (feats_base, feats_row))
+        fb, fr = fid_base(idx), fid_row(idx)
         gains.append((fb - fr) / fb)
     lo, hi = np.quantile(gains, [0.025, 0.975])
     return float(lo), float(hi)
