@@ -19,10 +19,13 @@ by 2 pixels of -1 to 32 × 32, random horizontal flips. Diffusion: T = 1000, lin
 Optimizer: AdamW (β 0.9 / 0.999, no weight decay), 2e-4 after a 1,000-step linear warm-up,
 then constant (DDPM's CIFAR-10 recipe), gradients clipped to global norm 1; EMA 0.9999
 with the (1 + n) / (10 + n) warm-up (see iec_jax/train.py).
-Runtime: on the 2-core CPU machine (both cores as JAX devices, shared with other jobs,
-load average 4-5) one step at batch 128 took ~9.5 s (13 images/s), so 20,000 steps take
-about two days there; the ``gpu`` variant is the practical way to train it. Compiling
-the step takes ~20-40 s on that CPU.
+Runtime: on the idle 2-core CPU machine (both cores as JAX devices) one step at batch
+128 takes ~4 s (32 images/s), so 20,000 steps take about a day there; the ``gpu`` variant
+is the practical way to train it. Compiling the step takes ~10-40 s on that CPU.
+
+The ``cpu`` variant is what that CPU trains in about 1.3 hours and is the embedded model
+shipped in ``iec_jax/assets/fmnist-small`` (5,000 steps at ~1.1 steps/s, 4,601 s; its
+training.json and metrics.jsonl lie next to it; FID in the README, "Training").
 """
 
 import ml_collections
@@ -72,7 +75,7 @@ def get_config(arg: str | None = None):
         c.optimizer.warmup_steps = 500
         c.training.checkpoint_every = 500
     elif arg == "cpu":
-        # What a 2-core CPU can train in about 1.5 hours: the embedded model shipped in
+        # What a 2-core CPU trains in about 1.3 hours: the embedded model shipped in
         # iec_jax/assets/ (see its training.json). Half the width at 32 x 32 and 16 x 16
         # (926,817 parameters, 3.7 MB), no dropout, batch 64, a higher learning rate with a
         # short warm-up, and an EMA horizon that suits a few thousand steps.
@@ -80,7 +83,7 @@ def get_config(arg: str | None = None):
         c.model.unet.norm_num_groups = 8
         c.model.unet.dropout = 0.0
         c.training.batch_size = 64
-        c.training.num_steps = 6_000
+        c.training.num_steps = 5_000
         c.optimizer.learning_rate = 5e-4
         c.optimizer.warmup_steps = 200
         c.ema.decay = 0.9995
