@@ -4,7 +4,7 @@ with and without IEC, on the project's own embedded Fashion-MNIST model.
 Command (a fresh clone, 2-core CPU, under 15 minutes once installed):
   python -m experiments.reproduce --config configs/fmnist/main.py --workdir runs/main
 Writes runs/main/main.md (the table), main.csv, main_result.json, main_error_growth.png
-and main_fid_vs_nfe.png. ``:smoke`` is a seconds-long form for the tests.
+and main_fid_vs_nfe.png. ``:smoke`` is a seconds-long form (the table configs' smoke sizes).
 
 Model: ``iec_jax/assets/fmnist-small`` (see its checkpoint.json and training.json), the
 UNet of ``configs/fmnist/train.py:cpu`` trained on the 2-core CPU. Its three levels put
@@ -29,6 +29,7 @@ Paper (CIFAR-10, 50k samples): W8A8 4.32 → +IEC 3.76 (+13%); DeepCache N = 10
 import os
 
 from configs import tables
+from configs.fmnist import table
 from configs.base import table_config, table_row
 
 # Repository-relative, so the command works from the repository root of any clone.
@@ -62,17 +63,8 @@ def get_config(arg=None):
     if arg in (None, ""):
         pass
     elif arg == "smoke":
-        c.num_samples, c.batch_size, c.shard_size = 8, 4, 8
-        c.trajectory_samples = 2
-        c.sampler.num_steps = 10
-        c.calibration.update(dict(num_samples=8, batch_size=4, per_step_full=4,
-                                  per_step_cached=2))
-        c.eval.split = "test[:64]"
-        c.eval.inception_batch_size = 8
-        c.eval.frechet_method = "eigh"
+        table.smoke(c)
         c.bootstrap = 10
-        for r in c.rows:  # keep the rows' proportions on 10 steps
-            r["cache_interval"] = {10: 2, 5: 1}.get(r["cache_interval"], r["cache_interval"])
     else:
         raise ValueError(f"unknown config variant {arg!r}; known: smoke")
     return c

@@ -31,17 +31,23 @@ def table_config(table: str, arg=None):
         c.calibration.update(dict(num_samples=128, per_step_full=16, per_step_cached=8))
         c.bootstrap = 50
     elif arg == "smoke":
-        c.num_samples, c.batch_size, c.shard_size = 8, 4, 8
-        c.trajectory_samples = 2
-        c.sampler.num_steps = 10
-        c.calibration.update(dict(num_samples=8, batch_size=4, per_step_full=4,
-                                  per_step_cached=2, dps_samples=4))
-        c.eval.split = "test[:64]"
-        c.eval.inception_batch_size = 8
-        c.eval.frechet_method = "eigh"
-        for r in c.rows:  # keep the rows' proportions on 10 steps
-            r["num_steps"] = {200: 20, 110: 11}.get(r["num_steps"], r["num_steps"])
-            r["cache_interval"] = {10: 2, 15: 3, 5: 1}.get(r["cache_interval"], r["cache_interval"])
+        smoke(c)
     else:
         raise ValueError(f"unknown config variant {arg!r}; known: gpu, quick, smoke")
     return c
+
+
+def smoke(c) -> None:
+    """A few samples and 10 steps (tests): shrinks a table config in place, keeping the
+    rows' proportions (step counts, cache intervals) on 10 steps."""
+    c.num_samples, c.batch_size, c.shard_size = 8, 4, 8
+    c.trajectory_samples = 2
+    c.sampler.num_steps = 10
+    c.calibration.update(dict(num_samples=8, batch_size=4, per_step_full=4,
+                              per_step_cached=2, dps_samples=4))
+    c.eval.split = "test[:64]"
+    c.eval.inception_batch_size = 8
+    c.eval.frechet_method = "eigh"
+    for r in c.rows:
+        r["num_steps"] = {200: 20, 110: 11}.get(r["num_steps"], r["num_steps"])
+        r["cache_interval"] = {10: 2, 15: 3, 5: 1}.get(r["cache_interval"], r["cache_interval"])
