@@ -125,6 +125,26 @@ def test_only_selects_rows(tiny_run):
         reproduce.run(c, str(work))
 
 
+def test_time_budget_leaves_out_unfinished_rows(tiny_run, tmp_path):
+    work, results = tiny_run
+    c = _config()
+    c.time_budget_s = 0.0  # assemble only: finished rows are read, nothing new is started
+    c.rows = c.rows + [table_row("W4A8", quant="W4A8")]
+    got = reproduce.run(c, str(work))
+    assert [r["row"] for r in got] == [r["row"] for r in results]
+    assert [r["fid"] for r in got] == [r["fid"] for r in results]
+    assert not (work / "rows" / "W4A8").exists()
+    md = (work / "tiny.md").read_text()
+    assert "Not run (unfinished when the time budget of 0 s was spent): W4A8." in md
+    assert json.loads((work / "tiny_result.json").read_text())["left_out"] == ["W4A8"]
+    # In a fresh directory nothing is finished: every row is left out.
+    empty = reproduce.run(c, str(tmp_path))
+    assert empty == []
+    c.time_budget_s = -1.0
+    with pytest.raises(ValueError, match="time_budget_s"):
+        reproduce.run(c, str(work))
+
+
 @pytest.mark.parametrize("fields, match", [
     (dict(quant="W8"), "quant must look like"),
     (dict(dec=True), "needs a cache"),
@@ -140,7 +160,7 @@ def test_bad_rows_raise(fields, match):
 
 def test_table_configs_are_complete():
     for module in (table1, table2, table3, table5):
-        for variant in (None, "quick", "gpu", "smoke"):
+        for variant in (None, "quick", "gpu", "gpu10k", "smoke"):
             c = module.get_config(variant)
             rows = [reproduce.RowSpec.from_dict(r) for r in c.rows]
             names = [r.name for r in rows]

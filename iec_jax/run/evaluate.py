@@ -63,6 +63,11 @@ def _features(images: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
     return {k: v for k, v in feats.items() if k in ("pool", "spatial", "logits")}
 
 
+def _reference_path(dataset: str, split: str, cache_dir: Optional[str]) -> Path:
+    cache = Path(cache_dir) if cache_dir else cache_root() / "reference"
+    return cache / (re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}_{split}").strip("_") + ".npz")
+
+
 def reference_features(dataset: str, split: str, *, data_dir: Optional[str] = None,
                        batch_size: int = 64, cache_dir: Optional[str] = None,
                        progress: bool = True) -> dict[str, np.ndarray]:
@@ -70,17 +75,28 @@ def reference_features(dataset: str, split: str, *, data_dir: Optional[str] = No
 
     The cache file ``<cache>/reference/<dataset>_<split>.npz`` holds ``pool`` (N, 2048)
     float32 (for precision/recall), and ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` — the
-    guided-diffusion evaluator's statistics keys — plus the count ``num``.
+    guided-diffusion evaluator's statistics keys — plus the count ``num``. A cached file
+    is read without TFDS.
     """
-    from iec_jax import data, metrics
-
-    cache = Path(cache_dir) if cache_dir else cache_root() / "reference"
-    path = cache / (re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}_{split}").strip("_") + ".npz")
+    path = _reference_path(dataset, split, cache_dir)
     if path.exists():
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
+    from iec_jax import data
+
     data.prepare(dataset, data_dir=data_dir, download=False)
     images = data.load_images(dataset, split, data_dir=data_dir)
+    return reference_features_from_images(images, dataset, split, batch_size=batch_size,
+                                          cache_dir=cache_dir, progress=progress)
+
+
+def reference_features_from_images(images: np.ndarray, dataset: str, split: str, *,
+                                   batch_size: int = 64, cache_dir: Optional[str] = None,
+                                   progress: bool = True) -> dict[str, np.ndarray]:
+    """:func:`reference_features` of the split's uint8 images given directly (a machine
+    without the dataset: ``experiments/gpu_tables.py``); writes the same cache file."""
+    from iec_jax import metrics
+
     pool, spatial = [], metrics.FeatureStats.empty(metrics.inception.SPATIAL_DIM)
     chunks = range(0, len(images), 1000)
     for s in tqdm(chunks, desc=f"reference {dataset}/{split}", unit="k img", disable=not progress):
@@ -90,7 +106,7 @@ def reference_features(dataset: str, split: str, *, data_dir: Optional[str] = No
     pool = np.concatenate(pool)
     stats = metrics.FeatureStats.from_features(pool)
     arrays = dict(pool=pool, **stats.to_arrays(), **spatial.to_arrays("_s"))
-    write_npz(path, **arrays)
+    write_npz(_reference_path(dataset, split, cache_dir), **arrays)
     return arrays
 
 

@@ -263,6 +263,21 @@ def _check_row_dir(rowdir: str, meta: dict) -> None:
         write_json(path, meta)
 
 
+def _cached(path: str, key: dict, compute) -> dict:
+    """``compute()``'s dict, kept in ``path`` with ``key`` (recomputed when the key
+    differs): a row's metrics against the reference split, the passes' FLOPs."""
+    import json
+
+    key = json.loads(json.dumps(key))
+    if os.path.exists(path):
+        d = json.loads(Path(path).read_text())
+        if d.get("key") == key:
+            return d["value"]
+    value = compute()
+    write_json(path, dict(key=key, value=value))
+    return value
+
+
 def _flops(unet_config, params, shape, cache_point, dtype: str) -> dict[str, float]:
     """FLOPs of one float full pass and one partial (cached) pass for one sample."""
     from iec_jax.models import UNet, cached_feature_shape
@@ -343,6 +358,14 @@ def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
     return dict(features=feats, progress=progress)
 
 
+def _row_complete(rowdir: str, config) -> bool:
+    """Samples, features and (if asked for) the trajectory of the row are all on disk."""
+    shards = _float_shards(os.path.join(rowdir, "samples"), config)
+    if shards.missing() or FeatureShards(os.path.join(rowdir, "features"), shards).missing():
+        return False
+    return not config.trajectory_samples or os.path.exists(os.path.join(rowdir, "trajectory.npz"))
+
+
 def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: dict, *,
                           replicates: int, seed: int = 0) -> tuple[float, float]:
     """95% interval of the relative FID gain (FID_base − FID_row) / FID_base under a
@@ -388,7 +411,7 @@ COLUMNS = ("row", "FID", "sFID", "precision", "recall", "L2 to FP", "NFE", "NFE 
            "paper gain")
 
 
-def _write_outputs(workdir: str, config, results: list[dict]) -> None:
+def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> None:
     lines = [f"# {config.name}", "",
              f"{config.num_samples} samples per row, DDIM-{config.sampler.num_steps}"
              f" ({config.sampler.spacing}), η = {config.sampler.eta}, seed {config.seed};"
@@ -417,10 +440,13 @@ def _write_outputs(workdir: str, config, results: list[dict]) -> None:
                   f"; [a, b] = 95% paired-bootstrap interval ({config.bootstrap} replicates)"
                   if config.bootstrap else "") +
               ". L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
+    if left_out:
+        lines += ["", f"Not run (unfinished when the time budget of {config.time_budget_s:.0f} s"
+                  f" was spent): {', '.join(left_out)}."]
     write_text(os.path.join(workdir, f"{config.table}.md"), "\n".join(lines) + "\n")
     write_text(os.path.join(workdir, f"{config.table}.csv"), buf.getvalue())
     write_json(os.path.join(workdir, f"{config.table}_result.json"),
-               dict(name=config.name, rows=results))
+               dict(name=config.name, rows=results, left_out=list(left_out)))
 
 
 def _plots(workdir: str, config, rows: list[RowSpec], results: list[dict], ref: Optional[RowSpec]):
@@ -488,20 +514,36 @@ def run(config, workdir: str) -> list[dict]:
         raise ValueError(f"config.table must be a plain file stem, got {config.table!r}")
     write_json(os.path.join(workdir, f"{config.table}_config.json"), config.to_dict())
     table = Table(config, workdir)
-    flops = _flops(table.unet_config, table.params, table.shape, tuple(config.cache_point),
-                   config.model.dtype)
+    flops = _cached(os.path.join(workdir, "flops.json"),
+                    dict(model=config.model.to_dict(), cache_point=list(config.cache_point)),
+                    lambda: _flops(table.unet_config, table.params, table.shape,
+                                   tuple(config.cache_point), config.model.dtype))
     refstats = reference_features(config.eval.dataset, config.eval.split,
                                   data_dir=config.eval.data_dir,
                                   batch_size=config.eval.inception_batch_size)
     # The FP row first: the others are compared with it.
     order = sorted(rows, key=lambda r: r.name != ref.name)
+    budget = config.get("time_budget_s")
+    if budget is not None and budget < 0:
+        raise ValueError(f"time_budget_s must be >= 0 (or None), got {budget}")
     out: dict[str, dict] = {}
     pools: dict[str, np.ndarray] = {}
+    left_out: list[str] = []
     for i, row in enumerate(order):
-        print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
         rowdir = os.path.join(workdir, "rows", row.slug)
+        if (budget is not None and time.time() - start >= budget
+                and not _row_complete(rowdir, config)):
+            print(f"[{i + 1}/{len(order)}] {row.name}: not started (time budget"
+                  f" {budget:.0f} s spent)", flush=True)
+            left_out.append(row.name)
+            continue
+        print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
         res = _run_row(table, row, rowdir)
-        m = compute_metrics(res["features"], refstats, frechet_method=config.eval.frechet_method)
+        m = _cached(os.path.join(rowdir, "metrics.json"),
+                    dict(eval=config.eval.to_dict(), reference_num=int(refstats["num"]),
+                         num_samples=int(config.num_samples)),
+                    lambda: compute_metrics(res["features"], refstats,
+                                            frechet_method=config.eval.frechet_method))
         pools[row.name] = res["features"]["pool"]
         p = res["progress"]
         nfe_full, nfe_partial = p.per_sample("nfe_full"), p.per_sample("nfe_partial")
@@ -528,9 +570,10 @@ def run(config, workdir: str) -> list[dict]:
             if config.bootstrap and pools[r["row"]].shape == pools[b["row"]].shape:
                 r["gain_ci95"] = paired_bootstrap_gain(
                     pools[b["row"]], pools[r["row"]], refstats, replicates=config.bootstrap)
-    results = [out[r.name] for r in rows]
-    _write_outputs(workdir, config, results)
-    _plots(workdir, config, rows, results, ref if ref.name in out else None)
+    results = [out[r.name] for r in rows if r.name in out]
+    _write_outputs(workdir, config, results, left_out)
+    _plots(workdir, config, [r for r in rows if r.name in out], results,
+           ref if ref.name in out else None)
     md = os.path.join(workdir, f"{config.table}.md")
     print(f"table: {md} ({time.time() - start:.0f} s)")
     print(Path(md).read_text())

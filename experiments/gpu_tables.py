@@ -1,0 +1,266 @@
+"""The paper's tables at 10,000 samples per row within one time-limited GPU lease.
+
+A lent GPU machine here has none of this project's downloads: no TFDS data, no converted
+Inception, no ``../shared`` checkpoint, and at most 64 MiB travel with the repository. So
+the work is split in two commands:
+
+  # here (CPU): a bundle of what the GPU machine needs, in .device/ (git-ignored)
+  python -m experiments.gpu_tables pack --bundle .device
+  # there (GPU), from the repository root, with the bundle carried:
+  python -m experiments.gpu_tables run --bundle .device --workdir runs/gpu10k \\
+      --out "$OUT" --deadline_s 540
+
+``pack`` writes the reference checkpoint (a copy of ``../shared/models/fmnist-ddpm``), the
+uint8 Fashion-MNIST test images (from TFDS), and the converted FID Inception's parameters
+rounded to float16 (87 MB as float32 would not travel). It also measures what that
+rounding changes: the largest relative difference of the pool features of ``--check``
+test images, and the FID of those images against the full test split with either set of
+parameters.
+
+``run`` restores the Inception cache (float16 → float32) and the reference statistics of
+the test split (same code as ``reference_features``, fed the bundled images), then runs
+the tables' rows with ``configs/fmnist/table*.py:gpu10k`` in three worker processes that
+share the GPU and one work directory (one for Table 2 then Table 5's cache ablation; one
+for Table 1 then Table 5's W8A8 ablation; one for Table 3): a row not started before the
+deadline's margin is left out (``time_budget_s``), workers still busy at the deadline are
+stopped (their finished shards stay), and every table is then assembled from the finished
+rows (``time_budget_s=0``). The tables, plots, worker logs and per-row progress go to
+``--out`` as ``tables.tar.gz`` and ``log.txt``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MODEL = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
+
+_BUNDLE = flags.DEFINE_string("bundle", ".device", "Bundle directory (relative to the repo root).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/gpu10k", "Table work directory (run).")
+_OUT = flags.DEFINE_string("out", None, "Where the results archive and log go (run).")
+_DEADLINE = flags.DEFINE_float("deadline_s", 540.0, "Seconds from the start of `run` by which"
+                               " the results archive must be written.")
+_CHECK = flags.DEFINE_integer("check", 1000, "Test images for pack's float16 check (0: none).")
+_VARIANT = flags.DEFINE_string("variant", "gpu10k", "Table config variant (run).")
+_ROW_MARGIN = flags.DEFINE_float("row_margin_s", 150.0, "No row is started later than this"
+                                 " many seconds before the deadline (run).")
+_ASSEMBLY_S = flags.DEFINE_float("assembly_s", 75.0, "Seconds kept for assembling the tables"
+                                 " after the workers are stopped (run).")
+
+INCEPTION_FP16 = "inception_fp16.npz"
+TEST_IMAGES = "fashion_mnist_test_images.npz"
+MODEL_DIR = "fmnist-ddpm"
+
+# (table, rows left to other workers) per worker, in order.
+_T5_CACHE = ["DeepCache N=10 + IEC all", "DeepCache N=10 + IEC ±1/10",
+             "DeepCache N=10 + IEC ±1/20", "DeepCache N=10 + IEC K=2", "DeepCache N=10 + IEC K=3"]
+_T5_QUANT = ["W8A8 + IEC all", "W8A8 + IEC ±1/10", "W8A8 + IEC ±1/20"]
+WORKERS = (
+    (("table2", None), ("table5", _T5_CACHE)),
+    (("table1", "-FP,FP + IEC"), ("table5", _T5_QUANT)),
+    (("table3", "-FP,FP + IEC"),),
+)
+
+
+def _flat_inception():
+    import jax
+
+    from iec_jax.metrics import inception
+
+    params = inception.load_inception_params()
+    return {"/".join(k.key for k in kp): v
+            for kp, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]}
+
+
+def pack(bundle: Path) -> None:
+    import numpy as np
+
+    from iec_jax import data, metrics
+    from iec_jax.io import atomic_path, write_npz
+    from iec_jax.run.evaluate import reference_features
+
+    bundle.mkdir(parents=True, exist_ok=True)
+    if not (SHARED_MODEL / "config.json").exists():
+        raise FileNotFoundError(f"no reference checkpoint at {SHARED_MODEL}")
+    dst = bundle / MODEL_DIR
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(SHARED_MODEL, dst)
+
+    data.prepare("fashion_mnist", download=False)
+    images = data.load_images("fashion_mnist", "test")
+    with atomic_path(str(bundle / TEST_IMAGES)) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, images=images)
+
+    flat = _flat_inception()
+    fp16 = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in flat.items()}
+    write_npz(bundle / INCEPTION_FP16, **fp16)
+    print(f"bundle {bundle}: {sum(f.stat().st_size for f in bundle.rglob('*') if f.is_file()) / 2**20:.1f}"
+          f" MiB ({len(images)} test images, {len(flat)} Inception arrays)")
+
+    n = _CHECK.value
+    if n:
+        ref = metrics.FeatureStats.from_arrays(reference_features("fashion_mnist", "test"))
+        rounded = {"params": _unflatten({k: np.asarray(v, np.float32) if v.dtype == np.float16
+                                         else v for k, v in fp16.items()})}
+        f32 = metrics.compute_features(images[:n], batch_size=50)["pool"]
+        f16 = metrics.compute_features(images[:n], batch_size=50, params=rounded)["pool"]
+        rel = np.linalg.norm(f16 - f32, axis=1) / np.linalg.norm(f32, axis=1)
+        fid32 = metrics.FeatureStats.from_features(f32).frechet_distance(ref)
+        fid16 = metrics.FeatureStats.from_features(f16).frechet_distance(ref)
+        print(f"float16-rounded Inception on test[:{n}]: pool features relative L2 difference"
+              f" max {rel.max():.2e}, mean {rel.mean():.2e}; FID vs test {fid32:.5f} (float32)"
+              f" vs {fid16:.5f} (float16-rounded)")
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        node = out
+        *parents, leaf = k.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _restore(bundle: Path, split: str) -> None:
+    """Inception cache and reference statistics (of ``split``: ``test`` or ``test[:n]``)
+    on a machine that has the bundle only."""
+    import re
+
+    import numpy as np
+
+    from iec_jax.metrics import inception
+    from iec_jax.run import evaluate
+
+    with np.load(bundle / INCEPTION_FP16) as f:
+        flat = {k: (f[k].astype(np.float32) if f[k].dtype == np.float16 else f[k])
+                for k in f.files}
+    cache = inception.inception_cache_dir()
+    inception.save_params_cache({"params": _unflatten(flat)}, cache)
+    m = re.fullmatch(r"test(?:\[:(\d+)\])?", split)
+    if not m:
+        raise ValueError(f"the bundle holds the test split; cannot evaluate against {split!r}")
+    with np.load(bundle / TEST_IMAGES) as f:
+        images = f["images"][:int(m.group(1))] if m.group(1) else f["images"]
+    t = time.time()
+    ref = evaluate.reference_features_from_images(images, "fashion_mnist", split,
+                                                   batch_size=min(500, len(images)))
+    print(f"reference statistics of {len(ref['pool'])} test images: {time.time() - t:.0f} s",
+          flush=True)
+
+
+def _job_cmd(table: str, only, workdir: str, variant: str, budget: float, model: str) -> list:
+    cmd = [sys.executable, "-m", "experiments.reproduce",
+           f"--config=configs/fmnist/{table}.py:{variant}", f"--workdir={workdir}",
+           f"--config.model.source={model}", f"--config.time_budget_s={budget:.0f}"]
+    if only:
+        cmd.append(f"--config.only={_only(table, only, variant)}")
+    return cmd
+
+
+def _only(table: str, only, variant: str) -> str:
+    from configs.fmnist import table as tables
+
+    names = [r["name"] for r in tables.table_config(table, variant).rows]
+    if isinstance(only, str) and only.startswith("-"):
+        drop = set(only[1:].split(","))
+        return ",".join(n for n in names if n not in drop)
+    missing = sorted(set(only) - set(names))
+    if missing:
+        raise ValueError(f"{table} has no rows {missing}")
+    return ",".join(only)
+
+
+def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) -> None:
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = Path(workdir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    from configs.fmnist import table as tables
+
+    _restore(bundle, tables.table_config("table1", variant).eval.split)
+    model = str(bundle / MODEL_DIR)
+    row_deadline = start + deadline_s - _ROW_MARGIN.value  # no row starts after this
+    stop_at = start + deadline_s - _ASSEMBLY_S.value  # workers still busy are stopped
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(WORKERS):.2f}",
+               PYTHONUNBUFFERED="1")
+    queues = [list(jobs) for jobs in WORKERS]
+    running: list = [None] * len(WORKERS)  # (Popen, log file, name) per worker
+
+    def launch(i: int) -> None:
+        budget = row_deadline - time.time()
+        if not queues[i] or budget <= 0:
+            running[i] = None
+            return
+        table, only = queues[i].pop(0)
+        cmd = _job_cmd(table, only, workdir, variant, budget, model)
+        name = f"worker{i}_{table}"
+        print(f"{name} ({time.time() - start:.0f} s): {' '.join(cmd[1:])}", flush=True)
+        log = open(logs / f"{name}.log", "w")
+        running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                       start_new_session=True), log, name)
+
+    for i in range(len(WORKERS)):
+        launch(i)
+    while time.time() < stop_at and any(running):
+        time.sleep(2)
+        for i, job in enumerate(running):
+            if job and job[0].poll() is not None:
+                job[1].close()
+                print(f"{job[2]}: exit {job[0].returncode} ({time.time() - start:.0f} s)",
+                      flush=True)
+                launch(i)
+    for job in running:
+        if job:
+            print(f"{job[2]}: stopped at the deadline ({time.time() - start:.0f} s)", flush=True)
+            os.killpg(job[0].pid, 9)
+            job[0].wait()
+            job[1].close()
+    tables = sorted({t for jobs in WORKERS for t, _ in jobs})
+    assembly = []
+    for table in tables:  # in parallel: each reads its rows' cached metrics
+        log = open(logs / f"assemble_{table}.log", "w")
+        assembly.append((table, log, subprocess.Popen(
+            _job_cmd(table, None, workdir, variant, 0, model), stdout=log,
+            stderr=subprocess.STDOUT, env=dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"))))
+    for table, log, p in assembly:
+        p.wait()
+        log.close()
+        print(f"assembled {table}: exit {p.returncode} ({time.time() - start:.0f} s)", flush=True)
+    archive = out / "tables.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for p in sorted(Path(workdir).rglob("*")):
+            small = p.suffix in (".md", ".csv", ".png", ".log") or p.name.endswith(
+                ("_result.json", "_config.json", "progress.json", "row.json"))
+            if p.is_file() and small:
+                tar.add(p, arcname=str(p.relative_to(Path(workdir).parent)))
+    print(f"{archive}: {archive.stat().st_size / 2**20:.1f} MiB ({time.time() - start:.0f} s)")
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] not in ("pack", "run") or len(argv) > 2:
+        raise app.UsageError("usage: python -m experiments.gpu_tables pack|run [--flags]")
+    bundle = ROOT / _BUNDLE.value
+    if argv[1] == "pack":
+        pack(bundle)
+    else:
+        if not _OUT.value:
+            raise app.UsageError("run needs --out")
+        from iec_jax.io import enable_compilation_cache
+
+        enable_compilation_cache()
+        run(bundle, _WORKDIR.value, Path(_OUT.value), _DEADLINE.value, _VARIANT.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
