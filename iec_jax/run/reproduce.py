@@ -24,7 +24,7 @@ naming model, steps, interval and bit-widths (see :mod:`iec_jax.efficient`).
 Columns: FID/sFID/precision/recall against the reference split; ``L2 to FP`` — the mean
 over samples of ‖x_0 − x_0^FP‖₂ on the [-1, 1] scale (float32 samples, paired seeds);
 NFE per sample split into full and partial (cached) passes; GFLOPs per sample from XLA's
-cost analysis of one float full / partial pass (fake quantization is simulated in float,
+cost analysis of one float full / partial pass (lowered HLO) (fake quantization is simulated in float,
 so its FLOPs are not those of an integer kernel); sampling seconds per 1,000 samples on
 the machine that ran the row (steady state: an invocation's first batch, which
 compiles, is left out when the shard has more); the relative FID gain over the row's ``baseline`` next to
@@ -290,7 +290,9 @@ def _flops(unet_config, params, shape, cache_point, dtype: str) -> dict[str, flo
                              jnp.float32)
 
     def cost(fn, *args):
-        ca = jax.jit(fn).lower(params, *args).compile().cost_analysis()
+        # The lowered (unoptimized) HLO's count: the same on every backend (a GPU
+        # executable's count leaves out the convolutions it hands to cuDNN).
+        ca = jax.jit(fn).lower(params, *args).cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return float(ca.get("flops", float("nan")))
 
@@ -515,7 +517,8 @@ def run(config, workdir: str) -> list[dict]:
     write_json(os.path.join(workdir, f"{config.table}_config.json"), config.to_dict())
     table = Table(config, workdir)
     flops = _cached(os.path.join(workdir, "flops.json"),
-                    dict(model=config.model.to_dict(), cache_point=list(config.cache_point)),
+                    dict(model=config.model.to_dict(), cache_point=list(config.cache_point),
+                         count="lowered HLO"),
                     lambda: _flops(table.unet_config, table.params, table.shape,
                                    tuple(config.cache_point), config.model.dtype))
     refstats = reference_features(config.eval.dataset, config.eval.split,
