@@ -20,7 +20,7 @@ parameters.
 ``run`` restores (``restore``, in a child process) the Inception cache (float16 → float32) and the reference statistics of
 the test split (same code as ``reference_features``, fed the bundled images), then runs
 the tables' rows with ``configs/fmnist/table*.py:gpu10k`` in three worker processes that
-share the GPU and one work directory (Table 2; Table 1; Table 3; Table 5's ablation rows): a row not started before the
+share the GPU and one work directory (Table 2; Table 1's W8A8 rows; Table 3; Table 1's W4A8 rows, then Table 5's ablation): a row not started before the
 deadline's margin is left out (``time_budget_s``), workers still busy at the deadline are
 stopped (their finished shards stay), and every table is then assembled from the finished
 rows (``time_budget_s=0``). The tables, plots, worker logs and per-row progress go to
@@ -64,9 +64,9 @@ _T5_CACHE = ["DeepCache N=10 + IEC all", "DeepCache N=10 + IEC ±1/10",
 _T5_QUANT = ["W8A8 + IEC all", "W8A8 + IEC ±1/10", "W8A8 + IEC ±1/20"]
 WORKERS = (
     (("table2", None),),
-    (("table1", "-FP,FP + IEC"),),
+    (("table1", ["W8A8", "W8A8 + IEC", "W8A8 DDIM-200", "FP DDIM-200"]),),
     (("table3", "-FP,FP + IEC"),),
-    (("table5", _T5_CACHE), ("table5", _T5_QUANT)),
+    (("table1", ["W4A8", "W4A8 + IEC", "W4A8 DDIM-200"]), ("table5", _T5_CACHE + _T5_QUANT)),
 )
 
 
