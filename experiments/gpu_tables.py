@@ -181,14 +181,43 @@ def _only(table: str, only, variant: str) -> str:
     return ",".join(only)
 
 
+_SMALL_SUFFIXES = (".md", ".csv", ".png", ".log")
+_SMALL_NAMES = ("_result.json", "_config.json", "progress.json", "row.json", "metrics.json",
+                "flops.json")
+
+
+def snapshot(workdir: str, out: Path) -> Path:
+    """``out/tables.tar.gz``: the work directory's small files (tables, plots, logs, each
+    row's row.json / progress.json / metrics.json), replaced atomically, so that a run
+    killed at any moment still leaves the last complete snapshot."""
+    from iec_jax.io import atomic_path
+
+    archive = out / "tables.tar.gz"
+    root = Path(workdir)
+    with atomic_path(str(archive)) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for p in sorted(root.rglob("*")):
+            if p.is_file() and (p.suffix in _SMALL_SUFFIXES or p.name.endswith(_SMALL_NAMES)):
+                tar.add(p, arcname=str(Path(root.name) / p.relative_to(root)))
+    return archive
+
+
 def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) -> None:
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     logs = Path(workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    driver_log = open(out / "driver.log", "a", buffering=1)
+
+    def say(msg: str) -> None:
+        line = f"[{time.time() - start:5.0f} s] {msg}"
+        print(line, flush=True)
+        driver_log.write(line + "\n")
+
+    say(f"restore (bundle {bundle})")
     # In a child process: its GPU memory is released before the workers start.
     subprocess.run([sys.executable, "-m", "experiments.gpu_tables", "restore",
                     f"--bundle={_BUNDLE.value}", f"--variant={variant}"], check=True,
+                   timeout=max(1.0, deadline_s - _ASSEMBLY_S.value),
                    env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
     model = str(bundle / MODEL_DIR)
     row_deadline = start + deadline_s - _ROW_MARGIN.value  # no row starts after this
@@ -206,46 +235,59 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
         table, only = queues[i].pop(0)
         cmd = _job_cmd(table, only, workdir, variant, budget, model)
         name = f"worker{i}_{table}"
-        print(f"{name} ({time.time() - start:.0f} s): {' '.join(cmd[1:])}", flush=True)
+        say(f"{name}: {' '.join(cmd[1:])}")
         log = open(logs / f"{name}.log", "w")
         running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True), log, name)
 
+    def stop(job) -> None:
+        if job[0].poll() is None:
+            os.killpg(job[0].pid, 9)
+        try:
+            job[0].wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            say(f"{job[2]}: still not gone 30 s after SIGKILL")
+        job[1].close()
+
     for i in range(len(WORKERS)):
         launch(i)
+    last_snapshot = time.time()
     while time.time() < stop_at and any(running):
         time.sleep(2)
         for i, job in enumerate(running):
             if job and job[0].poll() is not None:
                 job[1].close()
-                print(f"{job[2]}: exit {job[0].returncode} ({time.time() - start:.0f} s)",
-                      flush=True)
+                say(f"{job[2]}: exit {job[0].returncode}")
                 launch(i)
+                snapshot(workdir, out)
+                last_snapshot = time.time()
+        if time.time() - last_snapshot > 30:
+            snapshot(workdir, out)
+            last_snapshot = time.time()
     for job in running:
         if job:
-            print(f"{job[2]}: stopped at the deadline ({time.time() - start:.0f} s)", flush=True)
-            os.killpg(job[0].pid, 9)
-            job[0].wait()
-            job[1].close()
+            say(f"{job[2]}: stopped at the deadline")
+            stop(job)
+    snapshot(workdir, out)
     tables = sorted({t for jobs in WORKERS for t, _ in jobs})
     assembly = []
     for table in tables:  # in parallel: each reads its rows' cached metrics
         log = open(logs / f"assemble_{table}.log", "w")
-        assembly.append((table, log, subprocess.Popen(
-            _job_cmd(table, None, workdir, variant, 0, model), stdout=log,
-            stderr=subprocess.STDOUT, env=dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"))))
-    for table, log, p in assembly:
-        p.wait()
-        log.close()
-        print(f"assembled {table}: exit {p.returncode} ({time.time() - start:.0f} s)", flush=True)
-    archive = out / "tables.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for p in sorted(Path(workdir).rglob("*")):
-            small = p.suffix in (".md", ".csv", ".png", ".log") or p.name.endswith(
-                ("_result.json", "_config.json", "progress.json", "row.json"))
-            if p.is_file() and small:
-                tar.add(p, arcname=str(p.relative_to(Path(workdir).parent)))
-    print(f"{archive}: {archive.stat().st_size / 2**20:.1f} MiB ({time.time() - start:.0f} s)")
+        cmd = _job_cmd(table, None, workdir, variant, 0, model)
+        assembly.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                          env=dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"),
+                                          start_new_session=True), log, f"assemble {table}"))
+    end = start + deadline_s - 5
+    for job in assembly:
+        try:
+            job[0].wait(timeout=max(1.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            say(f"{job[2]}: stopped at the deadline")
+        stop(job)
+        say(f"{job[2]}: exit {job[0].returncode}")
+    archive = snapshot(workdir, out)
+    say(f"{archive}: {archive.stat().st_size / 2**20:.1f} MiB")
+    driver_log.close()
 
 
 def main(argv):

@@ -59,3 +59,39 @@ def test_propagation_command_line_locks_the_config(tmp_path):
         rows = list(csv.DictReader(f))
     # ±1/10 of 20 steps = steps 0, 1, 18, 19, two corrections each.
     assert int(rows[0]["nfe_eff_iec"]) == 20 + 4 * 2
+
+
+def test_gpu_tables_workers_name_real_rows_and_snapshots_are_small(tmp_path):
+    """The GPU driver's worker lists name rows of the gpu10k tables (a renamed row would
+    only fail on the lent machine), cover Tables 1-3, and its snapshot keeps the small
+    files only."""
+    import tarfile
+
+    from configs.fmnist import table as tables
+    from experiments import gpu_tables
+
+    covered = {}
+    for jobs in gpu_tables.WORKERS:
+        for table, only in jobs:
+            names = [r["name"] for r in tables.table_config(table, "gpu10k").rows]
+            chosen = gpu_tables._only(table, only, "gpu10k").split(",") if only else names
+            assert set(chosen) <= set(names)
+            covered.setdefault(table, set()).update(chosen)
+    for table in ("table1", "table2", "table3"):
+        names = {r["name"] for r in tables.table_config(table, "gpu10k").rows}
+        # Table 1 / 3 leave FP and FP + IEC to Table 2's worker (one work directory).
+        assert names - covered[table] <= {"FP", "FP + IEC"} and "FP" in covered["table2"]
+    with pytest.raises(ValueError, match="has no rows"):
+        gpu_tables._only("table1", ["W8A8", "nope"], "gpu10k")
+
+    work = tmp_path / "work"
+    (work / "rows" / "FP" / "samples").mkdir(parents=True)
+    for name in ("table1.md", "rows/FP/metrics.json", "rows/FP/progress.json",
+                 "rows/FP/samples/samples_00000.npz", "logs/worker0.log"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text("x")
+    archive = gpu_tables.snapshot(str(work), tmp_path / "out")
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["work/logs/worker0.log", "work/rows/FP/metrics.json",
+                                          "work/rows/FP/progress.json", "work/table1.md"]
+    assert os.listdir(tmp_path / "out") == ["tables.tar.gz"]

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (bare image with its own jax/flax, no internet), from the repo root,
+# with .device/ (python -m experiments.gpu_tables pack) and .whl/ (the pure-Python wheels
+# the image lacks or has at other versions: ml_collections, flax, optax, chex) carried:
+#
+#   bash experiments/gpu_tables_device.sh "$OUT" 440
+#
+# $1: where the results go (driver.log, tables.tar.gz: snapshots while it runs);
+# $2: the driver's deadline in seconds (leave ~40 s below the call's own limit).
+set -euo pipefail
+out=${1:?usage: gpu_tables_device.sh OUT DEADLINE_S}
+deadline=${2:?usage: gpu_tables_device.sh OUT DEADLINE_S}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export IEC_JAX_CACHE=/tmp/iec_cache JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -c "import sys, jax, flax, numpy; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__, jax.devices())"
+} 2>&1 | tee "$out/machine.txt"
+# No pipe after the driver: its log goes to $out/driver.log line by line.
+python3 -m experiments.gpu_tables run --bundle .device --workdir runs/gpu10k --out "$out" \
+    --deadline_s "$deadline" --row_margin_s 120 --assembly_s 60
