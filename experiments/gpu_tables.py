@@ -242,7 +242,10 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
 
     def stop(job) -> None:
         if job[0].poll() is None:
-            os.killpg(job[0].pid, 9)
+            try:
+                os.killpg(job[0].pid, 9)
+            except ProcessLookupError:
+                pass
         try:
             job[0].wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -264,10 +267,12 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
         if time.time() - last_snapshot > 30:
             snapshot(workdir, out)
             last_snapshot = time.time()
-    for job in running:
-        if job:
-            say(f"{job[2]}: stopped at the deadline")
-            stop(job)
+    busy = [job for job in running if job]
+    for job in busy:  # all at once: tearing down a CUDA context can take a while
+        say(f"{job[2]}: stopped at the deadline")
+        os.killpg(job[0].pid, 9)
+    for job in busy:
+        stop(job)
     snapshot(workdir, out)
     tables = sorted({t for jobs in WORKERS for t, _ in jobs})
     assembly = []
