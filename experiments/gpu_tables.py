@@ -270,7 +270,10 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     busy = [job for job in running if job]
     for job in busy:  # all at once: tearing down a CUDA context can take a while
         say(f"{job[2]}: stopped at the deadline")
-        os.killpg(job[0].pid, 9)
+        try:
+            os.killpg(job[0].pid, 9)
+        except ProcessLookupError:
+            pass
     for job in busy:
         stop(job)
     snapshot(workdir, out)
