@@ -19,12 +19,14 @@ parameters.
 
 ``run`` restores (``restore``, in a child process) the Inception cache (float16 → float32) and the reference statistics of
 the test split (same code as ``reference_features``, fed the bundled images), then runs
-the tables' rows with ``configs/fmnist/table*.py:gpu10k`` in three worker processes that
+the tables' rows with ``configs/fmnist/table*.py:gpu10k`` in four worker processes that
 share the GPU and one work directory (Table 2; Table 1's W8A8 rows; Table 3; Table 1's W4A8 rows, then Table 5's ablation): a row not started before the
 deadline's margin is left out (``time_budget_s``), workers still busy at the deadline are
 stopped (their finished shards stay), and every table is then assembled from the finished
-rows (``time_budget_s=0``). The tables, plots, worker logs and per-row progress go to
-``--out`` as ``tables.tar.gz`` and ``log.txt``.
+rows (``time_budget_s=0``). The tables, plots, worker logs and each row's progress and
+metrics go to ``--out/tables.tar.gz``, rewritten atomically every 30 s and whenever a job
+ends, so a run killed from outside still returns its last snapshot; ``--out/driver.log``
+holds the driver's timeline.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ INCEPTION_FP16 = "inception_fp16.npz"
 TEST_IMAGES = "fashion_mnist_test_images.npz"
 MODEL_DIR = "fmnist-ddpm"
 
-# (table, rows left to other workers) per worker, in order.
+# Per worker, its jobs in order: (table, rows) with rows None (all), a list of names, or
+# "-a,b" (all but these).
 _T5_CACHE = ["DeepCache N=10 + IEC all", "DeepCache N=10 + IEC ±1/10",
              "DeepCache N=10 + IEC ±1/20", "DeepCache N=10 + IEC K=2", "DeepCache N=10 + IEC K=3"]
 _T5_QUANT = ["W8A8 + IEC all", "W8A8 + IEC ±1/10", "W8A8 + IEC ±1/20"]
@@ -68,16 +71,6 @@ WORKERS = (
     (("table3", "-FP,FP + IEC"),),
     (("table1", ["W4A8", "W4A8 + IEC", "W4A8 DDIM-200"]), ("table5", _T5_CACHE + _T5_QUANT)),
 )
-
-
-def _flat_inception():
-    import jax
-
-    from iec_jax.metrics import inception
-
-    params = inception.load_inception_params()
-    return {"/".join(k.key for k in kp): v
-            for kp, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]}
 
 
 def pack(bundle: Path) -> None:
@@ -100,7 +93,9 @@ def pack(bundle: Path) -> None:
     with atomic_path(str(bundle / TEST_IMAGES)) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, images=images)
 
-    flat = _flat_inception()
+    from iec_jax.metrics import inception
+
+    flat = inception.flat_params(inception.load_inception_params())
     fp16 = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in flat.items()}
     write_npz(bundle / INCEPTION_FP16, **fp16)
     print(f"bundle {bundle}: {sum(f.stat().st_size for f in bundle.rglob('*') if f.is_file()) / 2**20:.1f}"
@@ -109,8 +104,9 @@ def pack(bundle: Path) -> None:
     n = _CHECK.value
     if n:
         ref = metrics.FeatureStats.from_arrays(reference_features("fashion_mnist", "test"))
-        rounded = {"params": _unflatten({k: np.asarray(v, np.float32) if v.dtype == np.float16
-                                         else v for k, v in fp16.items()})}
+        rounded = inception.params_from_flat(
+            {k: np.asarray(v, np.float32) if v.dtype == np.float16 else v
+             for k, v in fp16.items()})
         f32 = metrics.compute_features(images[:n], batch_size=50)["pool"]
         f16 = metrics.compute_features(images[:n], batch_size=50, params=rounded)["pool"]
         rel = np.linalg.norm(f16 - f32, axis=1) / np.linalg.norm(f32, axis=1)
@@ -119,17 +115,6 @@ def pack(bundle: Path) -> None:
         print(f"float16-rounded Inception on test[:{n}]: pool features relative L2 difference"
               f" max {rel.max():.2e}, mean {rel.mean():.2e}; FID vs test {fid32:.5f} (float32)"
               f" vs {fid16:.5f} (float16-rounded)")
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        node = out
-        *parents, leaf = k.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def _restore(bundle: Path, split: str) -> None:
@@ -146,7 +131,7 @@ def _restore(bundle: Path, split: str) -> None:
         flat = {k: (f[k].astype(np.float32) if f[k].dtype == np.float16 else f[k])
                 for k in f.files}
     cache = inception.inception_cache_dir()
-    inception.save_params_cache({"params": _unflatten(flat)}, cache)
+    inception.save_params_cache(inception.params_from_flat(flat), cache)
     m = re.fullmatch(r"test(?:\[:(\d+)\])?", split)
     if not m:
         raise ValueError(f"the bundle holds the test split; cannot evaluate against {split!r}")
@@ -216,7 +201,7 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     say(f"restore (bundle {bundle})")
     # In a child process: its GPU memory is released before the workers start.
     subprocess.run([sys.executable, "-m", "experiments.gpu_tables", "restore",
-                    f"--bundle={_BUNDLE.value}", f"--variant={variant}"], check=True,
+                    f"--bundle={bundle}", f"--variant={variant}"], check=True,
                    timeout=max(1.0, deadline_s - _ASSEMBLY_S.value),
                    env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
     model = str(bundle / MODEL_DIR)

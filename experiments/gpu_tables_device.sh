@@ -11,10 +11,12 @@ set -euo pipefail
 out=${1:?usage: gpu_tables_device.sh OUT DEADLINE_S}
 deadline=${2:?usage: gpu_tables_device.sh OUT DEADLINE_S}
 mkdir -p "$out"
+# Everything it installs or caches stays in the checkout, under runs/device (ignored).
+dev=$PWD/runs/device
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export IEC_JAX_CACHE=/tmp/iec_cache JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+    --target "$dev/site" .whl/*.whl
+export PYTHONPATH=$dev/site:$PWD PYTHONUNBUFFERED=1
+export IEC_JAX_CACHE=$dev/iec_cache JAX_COMPILATION_CACHE_DIR=$dev/jax_cache
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, jax, flax, numpy; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__, jax.devices())"

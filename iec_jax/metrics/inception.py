@@ -568,12 +568,20 @@ def inception_cache_dir(cache_dir: Optional[PathLike] = None) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "iec_jax" / "inception"
 
 
+def flat_params(params: Params) -> dict[str, np.ndarray]:
+    """``{"params": tree}`` as ``{"a/b/kernel": array}`` (the cache file's keys)."""
+    return {"/".join(k.key for k in kp): np.asarray(v)
+            for kp, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]}
+
+
+def params_from_flat(flat: Mapping[str, np.ndarray]) -> dict:
+    """The inverse of :func:`flat_params`."""
+    return {"params": _unflatten({tuple(k.split("/")): v for k, v in flat.items()})}
+
+
 def _save_params_npz(path: pathlib.Path, params: Params, source_sha1: str) -> None:
     """Writes the flattened parameters (keys ``a/b/kernel``) and metadata atomically."""
-    flat = {
-        "/".join(k.key for k in kp): np.asarray(v)
-        for kp, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]
-    }
+    flat = flat_params(params)
     meta = {"__format__": np.int64(_CACHE_FORMAT), "__source_sha1__": np.str_(source_sha1)}
     atomic_savez(path, **meta, **flat)
 
@@ -587,14 +595,10 @@ def _load_params_npz(path: pathlib.Path, source_sha1: str) -> Optional[dict]:
                 return None
             if str(data["__source_sha1__"]) != source_sha1:
                 return None
-            flat = {
-                tuple(k.split("/")): np.asarray(data[k])
-                for k in data.files
-                if not k.startswith("__")
-            }
+            flat = {k: np.asarray(data[k]) for k in data.files if not k.startswith("__")}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
-    return {"params": _unflatten(flat)}
+    return params_from_flat(flat)
 
 
 def save_params_cache(params: Params, cache_dir: Optional[PathLike] = None) -> pathlib.Path:
@@ -602,11 +606,9 @@ def save_params_cache(params: Params, cache_dir: Optional[PathLike] = None) -> p
     ``default_1.pt``), for a machine without torch or the package (e.g. parameters brought
     in another container, ``experiments/gpu_tables.py``). The shapes are checked against
     the network's; the values are the caller's responsibility."""
-    expected = _expected_shapes(None)
-    flat = {tuple(k.key for k in kp): np.shape(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(params["params"])[0]}
-    wrong = sorted("/".join(k) for k in set(expected) | set(flat)
-                   if k in expected and flat.get(k) != tuple(expected[k]))
+    shapes = {k: np.shape(v) for k, v in flat_params(params).items()}
+    wrong = sorted("/".join(k) for k, shape in _expected_shapes(None).items()
+                   if shapes.get("/".join(k)) != shape)
     if wrong:
         raise ValueError(f"parameters do not match the Inception network: {wrong[:5]}")
     path = inception_cache_dir(cache_dir) / _DEFAULT_CACHE_NAME

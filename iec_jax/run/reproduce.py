@@ -24,8 +24,8 @@ naming model, steps, interval and bit-widths (see :mod:`iec_jax.efficient`).
 Columns: FID/sFID/precision/recall against the reference split; ``L2 to FP`` — the mean
 over samples of ‖x_0 − x_0^FP‖₂ on the [-1, 1] scale (float32 samples, paired seeds);
 NFE per sample split into full and partial (cached) passes; GFLOPs per sample from XLA's
-cost analysis of one float full / partial pass (lowered HLO) (fake quantization is simulated in float,
-so its FLOPs are not those of an integer kernel); sampling seconds per 1,000 samples on
+cost analysis of the lowered HLO of one float full / partial pass (fake quantization is
+simulated in float, so its FLOPs are not those of an integer kernel); sampling seconds per 1,000 samples on
 the machine that ran the row (steady state: an invocation's first batch, which
 compiles, is left out when the shard has more); the relative FID gain over the row's ``baseline`` next to
 the paper's.
@@ -289,12 +289,13 @@ def _flops(unet_config, params, shape, cache_point, dtype: str) -> dict[str, flo
     f = jax.ShapeDtypeStruct(cached_feature_shape(unet_config, cache_point, (1,) + tuple(shape)),
                              jnp.float32)
 
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
+                                      params)
+
     def cost(fn, *args):
         # The lowered (unoptimized) HLO's count, on the CPU backend: a GPU executable's
         # count leaves out the convolutions it hands to cuDNN, and the GPU backend gives
         # no count for lowered HLO. NaN (shown as "–") where no count is available.
-        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
-                                          params)
         try:
             with jax.default_device(jax.devices("cpu")[0]):
                 ca = jax.jit(fn).lower(abstract, *args).cost_analysis()
