@@ -92,9 +92,10 @@ def table_config(source: str, *, model_name: str, spacing: str = "quad",
     c.reference_row = "FP"  # the full-precision row: L2 distances and error growth
     c.bootstrap = 0  # paired-bootstrap replicates for the gains' 95% intervals (0: off)
     c.only = placeholder(str)  # comma-separated row names: run a subset
-    # Seconds after which no unfinished row is started (rows already complete on disk are
-    # still read); the table then lists the rows left out. None: no limit; 0: assemble
-    # the table from the finished rows only (for time-limited machines).
+    # Seconds after which no row without cached metrics is started or evaluated (rows
+    # evaluated earlier are read from their small files); the table then lists the rows
+    # left out. None: no limit; 0: assemble the table from the evaluated rows only (for
+    # time-limited machines, or a snapshot of rows computed elsewhere).
     c.time_budget_s = placeholder(float)
     # act_batch_size: the activation search's batch (official: min(batch, samples of the
     # step), kept once it shrinks). nonuniform_center / _pow: DeepCache's non-uniform

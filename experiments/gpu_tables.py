@@ -27,7 +27,13 @@ workers still busy at the deadline are stopped (their finished shards stay), and
 rows (``time_budget_s=0``). The tables, plots, worker logs and each row's progress and
 metrics go to ``--out/tables.tar.gz``, rewritten atomically every 30 s and whenever a job
 ends, so a run killed from outside still returns its last snapshot; ``--out/driver.log``
-holds the driver's timeline.
+holds the driver's timeline. The workers' BLAS thread pools are split between them.
+
+``collect`` (here) assembles the tables from one or more such result directories
+(``tables.tar.gz`` + ``machine.txt``), from the rows' small files alone:
+
+  python -m experiments.gpu_tables collect docs/device/<call1> docs/device/<call2> \
+      --workdir runs/gpu10k_collected
 """
 
 from __future__ import annotations
@@ -184,7 +190,7 @@ def _only(table: str, only, variant: str) -> str:
 
 _SMALL_SUFFIXES = (".md", ".csv", ".png", ".log")
 _SMALL_NAMES = ("_result.json", "_config.json", "progress.json", "row.json", "metrics.json",
-                "flops.json")
+                "l2.json", "error_growth.json", "flops.json")
 
 
 def snapshot(workdir: str, out: Path) -> Path:
@@ -223,8 +229,12 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     model = str(bundle / MODEL_DIR)
     row_deadline = start + deadline_s - _ROW_MARGIN.value  # no row starts after this
     stop_at = start + deadline_s - _ASSEMBLY_S.value  # workers still busy are stopped
+    # The workers share the CPU too: unlimited BLAS pools (numpy's eigh in the Fréchet
+    # distance) in five processes stalled every row's metrics in the second H200 call.
+    threads = str(max(1, (os.cpu_count() or 1) // len(WORKERS)))
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(WORKERS):.2f}",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
+               MKL_NUM_THREADS=threads)
     queues = [list(jobs) for jobs in WORKERS]
     running: list = [None] * len(WORKERS)  # (Popen, log file, name) per worker
 
@@ -283,8 +293,9 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     for table in tables:  # in parallel: each reads its rows' cached metrics
         log = open(logs / f"assemble_{table}.log", "w")
         cmd = _job_cmd(table, None, workdir, variant, 0, model)
+        # Assembly reads cached small files only: the CPU backend will do.
         assembly.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          env=dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false"),
+                                          env=dict(env, JAX_PLATFORMS="cpu"),
                                           start_new_session=True), log, f"assemble {table}"))
     end = start + deadline_s - 5
     for job in assembly:
@@ -299,12 +310,60 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     driver_log.close()
 
 
+def collect(results: list, workdir: Path) -> None:
+    """Assemble the tables here from the ``run`` results brought back from lent machines
+    (each a directory with ``tables.tar.gz`` and ``machine.txt``; later ones replace
+    earlier files): the snapshots' small files are extracted into ``workdir`` and every
+    table is assembled from its evaluated rows (``time_budget_s=0``, CPU). Needs the
+    bundle's checkpoint (``pack``) at the path the rows were sampled with."""
+    import json
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    for d in map(Path, results):
+        with tarfile.open(d / "tables.tar.gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            for m in members:
+                parts = Path(m.name).parts
+                if len(parts) < 2 or ".." in parts or Path(m.name).is_absolute():
+                    raise ValueError(f"{d}: unexpected member {m.name!r}")
+                dst = workdir.joinpath(*parts[1:])
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(tar.extractfile(m).read())
+        # Rows sampled before progress.json recorded the device: from machine.txt.
+        lines = (d / "machine.txt").read_text().splitlines()
+        gpu = lines[1].split(",")[0].strip() if len(lines) > 1 else "unknown GPU"
+        for p in (workdir / "rows").glob("*/progress.json"):
+            prog = json.loads(p.read_text())
+            if "device" not in prog:
+                prog["device"] = f"1 × {gpu}"
+                p.write_text(json.dumps(prog, indent=1))
+        print(f"{d}: {len(members)} files ({gpu})")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for cfg in sorted(workdir.glob("table*_config.json")):
+        c = json.loads(cfg.read_text())
+        table = c["table"]
+        variant = _VARIANT.value
+        cmd = _job_cmd(table, None, str(workdir), variant, 0, c["model"]["source"])
+        print("$ python " + " ".join(cmd[1:]), flush=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"assembling {table} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+        print((workdir / f"{table}.md").read_text())
+
+
 def main(argv):
-    if len(argv) < 2 or argv[1] not in ("pack", "restore", "run") or len(argv) > 2:
-        raise app.UsageError("usage: python -m experiments.gpu_tables pack|restore|run [--flags]")
+    if len(argv) < 2 or argv[1] not in ("pack", "restore", "run", "collect"):
+        raise app.UsageError("usage: python -m experiments.gpu_tables pack|restore|run [--flags]"
+                             " | collect RESULT_DIR... --workdir DIR")
+    if len(argv) > 2 and argv[1] != "collect":
+        raise app.UsageError(f"{argv[1]} takes flags only, got {argv[2:]}")
     bundle = ROOT / _BUNDLE.value
     if argv[1] == "pack":
         pack(bundle)
+    elif argv[1] == "collect":
+        if len(argv) < 3:
+            raise app.UsageError("collect needs the result directories of run")
+        collect(argv[2:], ROOT / _WORKDIR.value)
     elif argv[1] == "restore":
         from configs.fmnist import table as tables
 

@@ -98,3 +98,40 @@ def test_gpu_tables_workers_name_real_rows_and_snapshots_are_small(tmp_path):
         assert sorted(tar.getnames()) == ["work/logs/worker0.log", "work/rows/FP/metrics.json",
                                           "work/rows/FP/progress.json", "work/table1.md"]
     assert os.listdir(tmp_path / "out") == ["tables.tar.gz"]
+
+
+def test_gpu_tables_collect_extracts_and_records_the_machine(tmp_path):
+    """collect unpacks each run's snapshot (later ones replace earlier files), names the
+    GPU of machine.txt on rows whose progress.json predates the device field, and
+    refuses archive members that would land outside the work directory."""
+    import io
+    import json
+    import tarfile
+
+    from experiments import gpu_tables
+
+    def result(name, files, gpu):
+        d = tmp_path / name
+        d.mkdir()
+        with tarfile.open(d / "tables.tar.gz", "w:gz") as tar:
+            for arcname, text in files.items():
+                data = text.encode()
+                info = tarfile.TarInfo(arcname)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (d / "machine.txt").write_text(f"name, memory.total [MiB]\n{gpu}, 143771 MiB\n")
+        return d
+
+    a = result("a", {"gpu10k/rows/FP/progress.json": '{"samples": 5}',
+                     "gpu10k/rows/W8A8/progress.json": '{"samples": 1, "device": "2 × cpu"}'},
+               "NVIDIA H200")
+    b = result("b", {"gpu10k/rows/FP/progress.json": '{"samples": 10}'}, "NVIDIA H100")
+    work = tmp_path / "work"
+    gpu_tables.collect([a, b], work)
+    fp = json.loads((work / "rows" / "FP" / "progress.json").read_text())
+    assert fp == {"samples": 10, "device": "1 × NVIDIA H100"}
+    w8 = json.loads((work / "rows" / "W8A8" / "progress.json").read_text())
+    assert w8["device"] == "2 × cpu"
+    bad = result("bad", {"gpu10k/../../evil.json": "{}"}, "NVIDIA H200")
+    with pytest.raises(ValueError, match="unexpected member"):
+        gpu_tables.collect([bad], work)

@@ -135,7 +135,7 @@ def test_time_budget_leaves_out_unfinished_rows(tiny_run, tmp_path):
     assert [r["fid"] for r in got] == [r["fid"] for r in results]
     assert not (work / "rows" / "W4A8").exists()
     md = (work / "tiny.md").read_text()
-    assert "Not run (unfinished when the time budget of 0 s was spent): W4A8." in md
+    assert "Not evaluated when the time budget of 0 s was spent: W4A8." in md
     assert json.loads((work / "tiny_result.json").read_text())["left_out"] == ["W4A8"]
     # In a fresh directory nothing is finished: every row is left out.
     empty = reproduce.run(c, str(tmp_path))
@@ -143,6 +143,36 @@ def test_time_budget_leaves_out_unfinished_rows(tiny_run, tmp_path):
     c.time_budget_s = -1.0
     with pytest.raises(ValueError, match="time_budget_s"):
         reproduce.run(c, str(work))
+
+
+def test_assembles_from_small_files_alone(tiny_run, tmp_path):
+    """A copy of the rows' small files (what a time-limited GPU machine sends back: no
+    samples, features or trajectories) assembles into the same table, L2 and error-growth
+    plot included; a row with samples but no metrics is left out at budget 0, not
+    evaluated."""
+    import shutil
+
+    work, results = tiny_run
+    snap = tmp_path / "snap"
+    for p in work.rglob("*.json"):
+        (snap / p.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, snap / p.relative_to(work))
+    assert not list(snap.rglob("*.npz"))
+    c = _config()
+    c.time_budget_s = 0.0
+    got = reproduce.run(c, str(snap))
+    for key in ("row", "fid", "sfid", "precision", "recall", "l2_to_fp", "nfe", "nfe_full",
+                "gflops", "gain", "device"):
+        assert [r[key] for r in got] == [r[key] for r in results], key
+    assert "cpu" in got[0]["device"]  # where the rows were sampled, recorded per row
+    assert all(r["gain_ci95"] is None for r in got)  # no features: no bootstrap
+    assert (snap / "tiny_error_growth.png").stat().st_size > 0
+    # Samples present but metrics not: left out when the budget is spent.
+    (snap / "rows" / "FP" / "metrics.json").unlink()
+    shutil.copytree(work / "rows" / "FP" / "samples", snap / "rows" / "FP" / "samples")
+    got = reproduce.run(c, str(snap))
+    assert [r["row"] for r in got] == [r["row"] for r in results[1:]]
+    assert json.loads((snap / "tiny_result.json").read_text())["left_out"] == ["FP"]
 
 
 @pytest.mark.parametrize("fields, match", [

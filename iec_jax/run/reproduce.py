@@ -12,6 +12,12 @@ controls). For every row the job writes, under ``<workdir>/rows/<row>/``:
 * ``features/features_{k:05d}.npz`` — Inception features of the uint8 images;
 * ``progress.json`` — sampling seconds, samples and NFE accumulated shard by shard;
 * ``trajectory.npz`` — the float trajectory of the first ``trajectory_samples`` samples;
+* ``metrics.json``, ``l2.json``, ``error_growth.json`` — the row's FID / sFID /
+  precision / recall, its L2 distance to the FP samples and its per-step distance to the
+  FP trajectory, each cached with the settings it was computed for. A row whose metrics
+  are cached is assembled from these small files alone (with ``progress.json`` and
+  ``row.json``): samples and features are not read, so a table can be assembled from a
+  copy of them brought back from another machine;
 
 and, for the whole table (``config.table``, e.g. ``table1``), ``table1.md``,
 ``table1.csv``, ``table1_result.json`` and the plots ``table1_error_growth.png``
@@ -177,6 +183,8 @@ class _Progress:
         """``seconds``: per batch. The first batch of an invocation includes the jit
         compilation; it is left out of the timed rate when the shard has other batches."""
         d = self.data
+        dev = jax.devices()[0]
+        d["device"] = f"{jax.device_count()} × {getattr(dev, 'device_kind', dev.platform)}"
         d["seconds"] += float(np.sum(seconds))
         skip = 1 if first_call and len(counts) > 1 else 0
         d["timed_seconds"] += float(np.sum(seconds[skip:]))
@@ -263,18 +271,28 @@ def _check_row_dir(rowdir: str, meta: dict) -> None:
         write_json(path, meta)
 
 
-def _cached(path: str, key: dict, compute) -> dict:
-    """``compute()``'s dict, kept in ``path`` with ``key`` (recomputed when the key
-    differs): a row's metrics against the reference split, the passes' FLOPs."""
+def _read_cached(path: str, key: dict):
+    """The value kept in ``path`` for ``key`` (None when absent or kept for another key)."""
     import json
 
-    key = json.loads(json.dumps(key))
     if os.path.exists(path):
         d = json.loads(Path(path).read_text())
-        if d.get("key") == key:
+        if d.get("key") == json.loads(json.dumps(key)):
             return d["value"]
-    value = compute()
-    write_json(path, dict(key=key, value=value))
+    return None
+
+
+def _cached(path: str, key: dict, compute):
+    """``compute()``'s value, kept in ``path`` with ``key`` (recomputed when the key
+    differs; a None value is not kept): a row's metrics against the reference split, its
+    distances to the FP row, the passes' FLOPs."""
+    import json
+
+    value = _read_cached(path, key)
+    if value is None:
+        value = compute()
+        if value is not None:
+            write_json(path, dict(key=json.loads(json.dumps(key)), value=value))
     return value
 
 
@@ -341,7 +359,9 @@ def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
     shards = _float_shards(os.path.join(rowdir, "samples"), config)
     progress = _Progress(os.path.join(rowdir, "progress.json"))
     first_call = True  # its batch includes the compilation: not timed when others are
-    for k in shards.missing():
+    t0 = time.time()
+    todo = shards.missing()
+    for k in todo:
         infos: list[dict] = []
         stamps = [time.time()]
         idx = shards.indices(k)
@@ -356,25 +376,38 @@ def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
         counts = [min(bs, len(idx) - s) for s in range(0, len(idx), bs)]
         progress.add(np.diff(stamps), infos, counts, first_call=first_call)
         first_call = False
+    if todo:
+        _say(f"{row.name}: {len(todo)} shard(s) sampled", t0)
 
     traj_path = os.path.join(rowdir, "trajectory.npz")
     if config.trajectory_samples and not os.path.exists(traj_path):
+        t0 = time.time()
         traj = _trajectory(table, row, factory, fparams, int(config.trajectory_samples))
         write_npz(traj_path, trajectory=traj, timesteps=table.timesteps(row))
+        _say(f"{row.name}: trajectory of {config.trajectory_samples} samples", t0)
 
     features = FeatureShards(os.path.join(rowdir, "features"), shards)
-    for k in tqdm(features.missing(), desc=f"features {row.name}", unit="shard"):
+    t0 = time.time()
+    todo = features.missing()
+    for k in tqdm(todo, desc=f"features {row.name}", unit="shard"):
         features.compute(k, config.eval.crop, config.eval.inception_batch_size)
+    if todo:
+        _say(f"{row.name}: features of {len(todo)} shard(s)", t0)
     feats = features.load()
     return dict(features=feats, progress=progress)
 
 
-def _row_complete(rowdir: str, config) -> bool:
-    """Samples, features and (if asked for) the trajectory of the row are all on disk."""
+def _say(msg: str, since: float) -> None:
+    """A timestamped log line with the seconds since ``since`` (where a row's time goes)."""
+    print(f"  {time.strftime('%H:%M:%S')} {msg} ({time.time() - since:.1f} s)", flush=True)
+
+
+def _complete_features(rowdir: str, config) -> Optional[dict]:
+    """The row's features when all are on disk (None otherwise: e.g. a table assembled
+    from the small files of a row computed elsewhere)."""
     shards = _float_shards(os.path.join(rowdir, "samples"), config)
-    if shards.missing() or FeatureShards(os.path.join(rowdir, "features"), shards).missing():
-        return False
-    return not config.trajectory_samples or os.path.exists(os.path.join(rowdir, "trajectory.npz"))
+    feats = FeatureShards(os.path.join(rowdir, "features"), shards)
+    return None if feats.missing() else feats.load()
 
 
 def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: dict, *,
@@ -403,10 +436,23 @@ def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: di
 def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
     a = _float_shards(os.path.join(rowdir, "samples"), config)
     b = _float_shards(os.path.join(refdir, "samples"), config)
-    if b.missing():
+    if a.missing() or b.missing():
         return None
     d = a.load().astype(np.float64) - b.load().astype(np.float64)
     return float(np.sqrt((d.reshape(len(d), -1) ** 2).sum(1)).mean())
+
+
+def _error_growth(rowdir: str, refdir: str) -> Optional[list]:
+    """Per sampling step, the mean over the trajectory samples of ‖x_t − x_t^FP‖₂ (None
+    without both trajectories, or on another step grid: the compute-matched rows)."""
+    paths = [os.path.join(d, "trajectory.npz") for d in (rowdir, refdir)]
+    if not all(os.path.exists(q) for q in paths):
+        return None
+    traj, ref_traj = (np.load(q)["trajectory"].astype(np.float64) for q in paths)
+    if traj.shape != ref_traj.shape:
+        return None
+    d = np.sqrt(((traj - ref_traj) ** 2).reshape(traj.shape[0], traj.shape[1], -1).sum(-1))
+    return [float(v) for v in d.mean(1)]
 
 
 def _fmt(v, nd=2):
@@ -426,8 +472,9 @@ def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> No
     lines = [f"# {config.name}", "",
              f"{config.num_samples} samples per row, DDIM-{config.sampler.num_steps}"
              f" ({config.sampler.spacing}), η = {config.sampler.eta}, seed {config.seed};"
-             f" reference {config.eval.dataset}/{config.eval.split}; {jax.device_count()}"
-             f" {jax.devices()[0].platform} device(s).", "",
+             f" reference {config.eval.dataset}/{config.eval.split}; sampled on "
+             + (", ".join(sorted({r.get("device") or "an unrecorded machine" for r in results}))
+                or "–") + ".", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     buf = _io.StringIO()
     w = csv.writer(buf)
@@ -452,15 +499,15 @@ def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> No
                   if config.bootstrap else "") +
               ". L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
     if left_out:
-        lines += ["", f"Not run (unfinished when the time budget of {config.time_budget_s:.0f} s"
-                  f" was spent): {', '.join(left_out)}."]
+        lines += ["", f"Not evaluated when the time budget of {config.time_budget_s:.0f} s"
+                  f" was spent: {', '.join(left_out)}."]
     write_text(os.path.join(workdir, f"{config.table}.md"), "\n".join(lines) + "\n")
     write_text(os.path.join(workdir, f"{config.table}.csv"), buf.getvalue())
     write_json(os.path.join(workdir, f"{config.table}_result.json"),
                dict(name=config.name, rows=results, left_out=list(left_out)))
 
 
-def _plots(workdir: str, config, rows: list[RowSpec], results: list[dict], ref: Optional[RowSpec]):
+def _plots(workdir: str, config, results: list[dict], curves: dict[str, list]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,22 +516,12 @@ def _plots(workdir: str, config, rows: list[RowSpec], results: list[dict], ref: 
     from iec_jax.io import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    refdir = os.path.join(workdir, "rows", ref.slug) if ref else None
-    ref_traj = None
-    if refdir and os.path.exists(os.path.join(refdir, "trajectory.npz")):
-        with np.load(os.path.join(refdir, "trajectory.npz")) as f:
-            ref_traj = f["trajectory"].astype(np.float64)
-    if ref_traj is not None:
-        for row in rows:
-            if row.name == ref.name:
-                continue
-            with np.load(os.path.join(workdir, "rows", row.slug, "trajectory.npz")) as f:
-                traj = f["trajectory"].astype(np.float64)
-            if traj.shape != ref_traj.shape:
-                continue  # another step grid (compute-matched rows)
-            d = np.sqrt(((traj - ref_traj) ** 2).reshape(traj.shape[0], traj.shape[1], -1).sum(-1))
-            ax.semilogy(np.arange(1, len(d) + 1), d.mean(1), label=row.name,
-                        ls="-" if row.iec == "none" else "--")
+    shown = [r["row"] for r in results if r["row"] in curves and any(curves[r["row"]])]
+    if shown:  # the FP row's own curve is zero
+        for name in shown:
+            d = curves[name]
+            ax.semilogy(np.arange(1, len(d) + 1), d, label=name,
+                        ls="--" if "IEC" in name else "-")
         ax.set_xlabel("sampling step")
         ax.set_ylabel("mean ‖x_t − x_t^FP‖₂")
         ax.set_title(f"{config.name}: error growth against the FP trajectory", fontsize=9)
@@ -540,24 +577,43 @@ def run(config, workdir: str) -> list[dict]:
         raise ValueError(f"time_budget_s must be >= 0 (or None), got {budget}")
     out: dict[str, dict] = {}
     pools: dict[str, np.ndarray] = {}
+    curves: dict[str, list] = {}
     left_out: list[str] = []
+    metrics_key = dict(eval=config.eval.to_dict(), reference_num=int(refstats["num"]),
+                       num_samples=int(config.num_samples))
+    refdir = os.path.join(workdir, "rows", ref.slug)
+    ref_key = dict(reference=table.row_meta(ref))  # what the distances to FP depend on
     for i, row in enumerate(order):
         rowdir = os.path.join(workdir, "rows", row.slug)
-        if (budget is not None and time.time() - start >= budget
-                and not _row_complete(rowdir, config)):
-            print(f"[{i + 1}/{len(order)}] {row.name}: not started (time budget"
+        metrics_path = os.path.join(rowdir, "metrics.json")
+        m = _read_cached(metrics_path, metrics_key)
+        if m is not None:  # evaluated earlier (maybe elsewhere): its small files suffice
+            print(f"[{i + 1}/{len(order)}] {row.name}: evaluated", flush=True)
+            _check_row_dir(rowdir, table.row_meta(row))
+            feats = _complete_features(rowdir, config) if config.bootstrap else None
+            p = _Progress(os.path.join(rowdir, "progress.json"))
+        elif budget is not None and time.time() - start >= budget:
+            print(f"[{i + 1}/{len(order)}] {row.name}: not evaluated (time budget"
                   f" {budget:.0f} s spent)", flush=True)
             left_out.append(row.name)
             continue
-        print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
-        res = _run_row(table, row, rowdir)
-        m = _cached(os.path.join(rowdir, "metrics.json"),
-                    dict(eval=config.eval.to_dict(), reference_num=int(refstats["num"]),
-                         num_samples=int(config.num_samples)),
-                    lambda: compute_metrics(res["features"], refstats,
-                                            frechet_method=config.eval.frechet_method))
-        pools[row.name] = res["features"]["pool"]
-        p = res["progress"]
+        else:
+            print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
+            res = _run_row(table, row, rowdir)
+            t0 = time.time()
+            m = _cached(metrics_path, metrics_key,
+                        lambda: compute_metrics(res["features"], refstats,
+                                                frechet_method=config.eval.frechet_method))
+            _say(f"{row.name}: metrics", t0)
+            feats, p = res["features"], res["progress"]
+        if feats is not None:
+            pools[row.name] = feats["pool"]
+        l2 = _cached(os.path.join(rowdir, "l2.json"), ref_key,
+                     lambda: _l2_to(rowdir, refdir, config))
+        curve = _cached(os.path.join(rowdir, "error_growth.json"), ref_key,
+                        lambda: _error_growth(rowdir, refdir))
+        if curve is not None:
+            curves[row.name] = curve
         nfe_full, nfe_partial = p.per_sample("nfe_full"), p.per_sample("nfe_partial")
         gflops = (None if nfe_full is None else
                   (nfe_full * flops["full"] + nfe_partial * flops["partial"]) / 1e9)
@@ -565,12 +621,13 @@ def run(config, workdir: str) -> list[dict]:
         out[row.name] = dict(
             row=row.name, fid=m["fid"], sfid=m["sfid"], precision=m["precision"],
             recall=m["recall"],
-            l2_to_fp=_l2_to(rowdir, os.path.join(workdir, "rows", ref.slug), config),
+            l2_to_fp=l2,
             nfe=p.per_sample("nfe"), nfe_full=nfe_full, nfe_partial=nfe_partial,
             corrections=p.per_sample("corrections"), gflops=gflops,
             seconds_per_1k=1000 * p.data["timed_seconds"] / timed if timed else None,
             baseline=row.baseline, gain=None, paper_fid=row.paper_fid,
             paper_gain=row.paper_gain, num_samples=int(config.num_samples),
+            device=p.data.get("device"),
         )
         print("  " + ", ".join(f"{k}={_fmt(v, 4)}" for k, v in out[row.name].items()
                                if k in ("fid", "sfid", "l2_to_fp", "nfe")), flush=True)
@@ -579,13 +636,13 @@ def run(config, workdir: str) -> list[dict]:
         r["gain_ci95"] = None
         if b is not None:
             r["gain"] = (b["fid"] - r["fid"]) / b["fid"]
-            if config.bootstrap and pools[r["row"]].shape == pools[b["row"]].shape:
+            if (config.bootstrap and r["row"] in pools and b["row"] in pools
+                    and pools[r["row"]].shape == pools[b["row"]].shape):
                 r["gain_ci95"] = paired_bootstrap_gain(
                     pools[b["row"]], pools[r["row"]], refstats, replicates=config.bootstrap)
     results = [out[r.name] for r in rows if r.name in out]
     _write_outputs(workdir, config, results, left_out)
-    _plots(workdir, config, [r for r in rows if r.name in out], results,
-           ref if ref.name in out else None)
+    _plots(workdir, config, results, curves)
     md = os.path.join(workdir, f"{config.table}.md")
     print(f"table: {md} ({time.time() - start:.0f} s)")
     print(Path(md).read_text())
