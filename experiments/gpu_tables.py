@@ -60,6 +60,8 @@ _CHECK = flags.DEFINE_integer("check", 1000, "Test images for pack's float16 che
 _VARIANT = flags.DEFINE_string("variant", "gpu10k", "Table config variant (run).")
 _ROW_MARGIN = flags.DEFINE_float("row_margin_s", 150.0, "No row is started later than this"
                                  " many seconds before the deadline (run).")
+_SEED = flags.DEFINE_list("seed", [], "run: result directories of earlier runs (tables.tar.gz"
+                          " + machine.txt) whose evaluated rows are not computed again.")
 _ASSEMBLY_S = flags.DEFINE_float("assembly_s", 75.0, "Seconds kept for assembling the tables"
                                  " after the workers are stopped (run).")
 
@@ -220,6 +222,9 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
         print(line, flush=True)
         driver_log.write(line + "\n")
 
+    if _SEED.value:
+        extract([ROOT / d for d in _SEED.value], Path(workdir))
+        say(f"seeded {workdir} with the evaluated rows of {', '.join(_SEED.value)}")
     say(f"restore (bundle {bundle})")
     # In a child process: its GPU memory is released before the workers start.
     subprocess.run([sys.executable, "-m", "experiments.gpu_tables", "restore",
@@ -245,7 +250,7 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
             return
         table, only = queues[i].pop(0)
         cmd = _job_cmd(table, only, workdir, variant, budget, model)
-        name = f"worker{i}_{table}"
+        name = f"worker{i}.{len(WORKERS[i]) - len(queues[i])}_{table}"  # one log per job
         say(f"{name}: {' '.join(cmd[1:])}")
         log = open(logs / f"{name}.log", "w")
         running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -310,12 +315,12 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     driver_log.close()
 
 
-def collect(results: list, workdir: Path) -> None:
-    """Assemble the tables here from the ``run`` results brought back from lent machines
-    (each a directory with ``tables.tar.gz`` and ``machine.txt``; later ones replace
-    earlier files): the snapshots' small files are extracted into ``workdir`` and every
-    table is assembled from its evaluated rows (``time_budget_s=0``, CPU). Needs the
-    bundle's checkpoint (``pack``) at the path the rows were sampled with."""
+def extract(results: list, workdir: Path) -> None:
+    """The small files of ``run`` results (each a directory with ``tables.tar.gz`` and
+    ``machine.txt``; later ones replace earlier files) unpacked into ``workdir``; rows
+    whose progress.json predates its device field get machine.txt's GPU, and rows that
+    were sampled but not evaluated lose their progress.json (their samples stayed
+    there)."""
     import json
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -333,11 +338,25 @@ def collect(results: list, workdir: Path) -> None:
         lines = (d / "machine.txt").read_text().splitlines()
         gpu = lines[1].split(",")[0].strip() if len(lines) > 1 else "unknown GPU"
         for p in (workdir / "rows").glob("*/progress.json"):
+            if not (p.parent / "metrics.json").exists() and not (p.parent / "samples").exists():
+                # Sampled there but not evaluated: the samples did not come back, and a
+                # run seeded with this directory samples the row again from the start.
+                p.unlink()
+                continue
             prog = json.loads(p.read_text())
             if "device" not in prog:
                 prog["device"] = f"1 × {gpu}"
                 p.write_text(json.dumps(prog, indent=1))
         print(f"{d}: {len(members)} files ({gpu})")
+
+
+def collect(results: list, workdir: Path) -> None:
+    """Assemble the tables here from the ``run`` results brought back from lent machines
+    (:func:`extract`), each from its evaluated rows (``time_budget_s=0``, CPU). Needs the
+    bundle's checkpoint (``pack``) at the path the rows were sampled with."""
+    import json
+
+    extract(results, workdir)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for cfg in sorted(workdir.glob("table*_config.json")):
         c = json.loads(cfg.read_text())

@@ -3,10 +3,12 @@
 # with .device/ (python -m experiments.gpu_tables pack) and .whl/ (the pure-Python wheels
 # the image lacks or has at other versions: ml_collections, flax, optax, chex) carried:
 #
-#   bash experiments/gpu_tables_device.sh "$OUT" 440
+#   bash experiments/gpu_tables_device.sh "$OUT" 440 [docs/device/<earlier run>,...]
 #
 # $1: where the results go (driver.log, tables.tar.gz: snapshots while it runs);
-# $2: the driver's deadline in seconds (leave ~40 s below the call's own limit).
+# $2: the driver's deadline in seconds (leave ~40 s below the call's own limit);
+# $3 (optional): comma-separated result directories of earlier runs in the checkout,
+#     whose evaluated rows are not computed again (gpu_tables run --seed).
 set -euo pipefail
 out=${1:?usage: gpu_tables_device.sh OUT DEADLINE_S}
 deadline=${2:?usage: gpu_tables_device.sh OUT DEADLINE_S}
@@ -23,4 +25,4 @@ export IEC_JAX_CACHE=$dev/iec_cache JAX_COMPILATION_CACHE_DIR=$dev/jax_cache
 } 2>&1 | tee "$out/machine.txt"
 # No pipe after the driver: its log goes to $out/driver.log line by line.
 python3 -m experiments.gpu_tables run --bundle .device --workdir runs/gpu10k --out "$out" \
-    --deadline_s "$deadline" --row_margin_s 120 --assembly_s 60
+    --deadline_s "$deadline" --row_margin_s 120 --assembly_s 60 ${3:+--seed "$3"}

@@ -123,6 +123,9 @@ def test_gpu_tables_collect_extracts_and_records_the_machine(tmp_path):
         return d
 
     a = result("a", {"gpu10k/rows/FP/progress.json": '{"samples": 5}',
+                     "gpu10k/rows/FP/metrics.json": "{}",
+                     "gpu10k/rows/W8A8/metrics.json": "{}",
+                     "gpu10k/rows/K2/progress.json": '{"samples": 3}',
                      "gpu10k/rows/W8A8/progress.json": '{"samples": 1, "device": "2 × cpu"}'},
                "NVIDIA H200")
     b = result("b", {"gpu10k/rows/FP/progress.json": '{"samples": 10}'}, "NVIDIA H100")
@@ -132,6 +135,42 @@ def test_gpu_tables_collect_extracts_and_records_the_machine(tmp_path):
     assert fp == {"samples": 10, "device": "1 × NVIDIA H100"}
     w8 = json.loads((work / "rows" / "W8A8" / "progress.json").read_text())
     assert w8["device"] == "2 × cpu"
+    # Sampled there, never evaluated: its progress would count samples that are not here.
+    assert not (work / "rows" / "K2" / "progress.json").exists()
     bad = result("bad", {"gpu10k/../../evil.json": "{}"}, "NVIDIA H200")
     with pytest.raises(ValueError, match="unexpected member"):
         gpu_tables.collect([bad], work)
+
+
+def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
+    """The H200 snapshots kept in docs/device seed the next lease's work directory
+    (gpu_tables_device.sh's third argument): a seeded row whose row.json no longer
+    matches what the current code would write would stop its worker on the GPU. So every
+    seeded row must match today's gpu10k row settings (model path as sampled there)."""
+    import json
+    import types
+
+    from configs.fmnist import table as tables
+    from experiments import gpu_tables
+    from iec_jax.run import reproduce
+
+    from pathlib import Path
+
+    runs = sorted((Path(ROOT) / "docs" / "device").glob("*_call*"))
+    assert runs, "no device snapshots"
+    work = tmp_path / "seeded"
+    gpu_tables.extract(runs, work)
+    defs = {}
+    for table in ("table1", "table2", "table3", "table5"):
+        c = tables.table_config(table, "gpu10k")
+        c.model.source = json.loads((work / f"{table}_config.json").read_text())["model"]["source"]
+        fake = types.SimpleNamespace(config=c)
+        fake.num_steps = lambda row, c=c: row.num_steps or int(c.sampler.num_steps)
+        for r in c.rows:
+            row = reproduce.RowSpec.from_dict(r)
+            defs[row.slug] = reproduce.Table.row_meta(fake, row)
+    seeded = sorted(p.parent.name for p in (work / "rows").glob("*/row.json"))
+    assert len(seeded) >= 8
+    for slug in seeded:
+        stored = json.loads((work / "rows" / slug / "row.json").read_text())
+        assert stored == json.loads(json.dumps(defs[slug])), slug

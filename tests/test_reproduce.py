@@ -175,6 +175,26 @@ def test_assembles_from_small_files_alone(tiny_run, tmp_path):
     assert json.loads((snap / "tiny_result.json").read_text())["left_out"] == ["FP"]
 
 
+def test_seeded_workdir_resamples_the_reference_row_only(tiny_run, tmp_path):
+    """A work directory seeded with another machine's small files (gpu_tables run
+    --seed): evaluated rows are read, the reference row is sampled again (the new rows'
+    L2 needs its samples; its metrics stay cached), new rows are computed."""
+    import shutil
+
+    work, results = tiny_run
+    seeded = tmp_path / "seeded"
+    for row in ("FP", "CacheQuant_W8A8_N_2"):
+        for p in (work / "rows" / row).glob("*.json"):
+            (seeded / "rows" / row).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, seeded / "rows" / row / p.name)
+    shutil.copy(work / "flops.json", seeded / "flops.json")
+    got = reproduce.run(_config(), str(seeded))
+    assert [r["fid"] for r in got] == [r["fid"] for r in results]
+    assert (seeded / "rows" / "FP" / "samples" / "samples_00000.npz").exists()
+    assert not (seeded / "rows" / "CacheQuant_W8A8_N_2" / "samples").exists()
+    assert got[2]["l2_to_fp"] == pytest.approx(results[2]["l2_to_fp"], rel=1e-6)
+
+
 @pytest.mark.parametrize("fields, match", [
     (dict(quant="W8"), "quant must look like"),
     (dict(dec=True), "needs a cache"),

@@ -587,12 +587,18 @@ def run(config, workdir: str) -> list[dict]:
         rowdir = os.path.join(workdir, "rows", row.slug)
         metrics_path = os.path.join(rowdir, "metrics.json")
         m = _read_cached(metrics_path, metrics_key)
+        in_budget = budget is None or time.time() - start < budget
+        if (m is not None and row.name == ref.name and in_budget
+                and _float_shards(os.path.join(rowdir, "samples"), config).missing()):
+            # Evaluated elsewhere (a snapshot), but the other rows' L2 and error growth
+            # need the reference row's samples and trajectory: sample it again.
+            m = None
         if m is not None:  # evaluated earlier (maybe elsewhere): its small files suffice
             print(f"[{i + 1}/{len(order)}] {row.name}: evaluated", flush=True)
             _check_row_dir(rowdir, table.row_meta(row))
             feats = _complete_features(rowdir, config) if config.bootstrap else None
             p = _Progress(os.path.join(rowdir, "progress.json"))
-        elif budget is not None and time.time() - start >= budget:
+        elif not in_budget:
             print(f"[{i + 1}/{len(order)}] {row.name}: not evaluated (time budget"
                   f" {budget:.0f} s spent)", flush=True)
             left_out.append(row.name)
