@@ -352,7 +352,9 @@ def _float_shards(directory, config) -> pipeline.SampleShards:
 def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
     config = table.config
     _check_row_dir(rowdir, table.row_meta(row))
+    t0 = time.time()
     factory, fparams = table.denoiser(row)
+    _say(f"{row.name}: model built (calibrated where its artifacts were missing)", t0)
     batch_fn = pipeline.make_batch_sampler(
         factory, params=fparams, schedule=table.schedule, timesteps=table.timesteps(row),
         shape=table.shape, seed=int(config.seed), eta=config.sampler.eta, iec=row.iec_config())
