@@ -323,15 +323,18 @@ def extract(results: list, workdir: Path) -> None:
     there)."""
     import json
 
+    from iec_jax.io import write_json
+
     workdir.mkdir(parents=True, exist_ok=True)
     for d in map(Path, results):
         with tarfile.open(d / "tables.tar.gz") as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
-            for m in members:
+            for m in members:  # all checked before anything is written
                 parts = Path(m.name).parts
                 if len(parts) < 2 or ".." in parts or Path(m.name).is_absolute():
                     raise ValueError(f"{d}: unexpected member {m.name!r}")
-                dst = workdir.joinpath(*parts[1:])
+            for m in members:
+                dst = workdir.joinpath(*Path(m.name).parts[1:])
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(tar.extractfile(m).read())
         # Rows sampled before progress.json recorded the device: from machine.txt.
@@ -346,7 +349,7 @@ def extract(results: list, workdir: Path) -> None:
             prog = json.loads(p.read_text())
             if "device" not in prog:
                 prog["device"] = f"1 × {gpu}"
-                p.write_text(json.dumps(prog, indent=1))
+                write_json(str(p), prog)
         print(f"{d}: {len(members)} files ({gpu})")
 
 

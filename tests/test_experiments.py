@@ -137,9 +137,11 @@ def test_gpu_tables_collect_extracts_and_records_the_machine(tmp_path):
     assert w8["device"] == "2 × cpu"
     # Sampled there, never evaluated: its progress would count samples that are not here.
     assert not (work / "rows" / "K2" / "progress.json").exists()
-    bad = result("bad", {"gpu10k/../../evil.json": "{}"}, "NVIDIA H200")
+    bad = result("bad", {"gpu10k/rows/X/row.json": "{}", "gpu10k/../../evil.json": "{}"},
+                 "NVIDIA H200")
     with pytest.raises(ValueError, match="unexpected member"):
         gpu_tables.collect([bad], work)
+    assert not (work / "rows" / "X").exists()  # nothing written from a refused archive
 
 
 def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
