@@ -23,11 +23,13 @@ float32) and the reference statistics of the test split (same code as
 ``configs/fmnist/table*.py:gpu10k`` in five worker processes that share the GPU and one
 work directory (``WORKERS``: each table's paper cells first, controls and ablations
 after): a row not started before the deadline's margin is left out (``time_budget_s``),
-workers still busy at the deadline are stopped (their finished shards stay), and every table is then assembled from the finished
-rows (``time_budget_s=0``). The tables, plots, worker logs and each row's progress and
-metrics go to ``--out/tables.tar.gz``, rewritten atomically every 30 s and whenever a job
-ends, so a run killed from outside still returns its last snapshot; ``--out/driver.log``
-holds the driver's timeline. The workers' BLAS thread pools are split between them.
+workers still busy at the deadline are stopped (their finished shards stay), and every
+table is then assembled from the evaluated rows (``time_budget_s=0``). The tables,
+plots, worker logs and each row's small files (progress, metrics, L2, error growth) go
+to ``--out/tables.tar.gz``, rewritten atomically every 30 s and whenever a job ends, so
+a run killed from outside still returns its last snapshot; ``--out/driver.log`` holds
+the driver's timeline. The workers' BLAS thread pools are split between them.
+``--seed`` starts from earlier runs' evaluated rows.
 
 ``collect`` (here) assembles the tables from one or more such result directories
 (``tables.tar.gz`` + ``machine.txt``), from the rows' small files alone:
@@ -365,7 +367,11 @@ def collect(results: list, workdir: Path) -> None:
         c = json.loads(cfg.read_text())
         table = c["table"]
         variant = _VARIANT.value
-        cmd = _job_cmd(table, None, str(workdir), variant, 0, c["model"]["source"])
+        source = c["model"]["source"]
+        if not Path(source, "config.json").exists():
+            raise FileNotFoundError(f"{table}'s rows were sampled with the checkpoint at"
+                                    f" {source}, which is not here: run `pack` first")
+        cmd = _job_cmd(table, None, str(workdir), variant, 0, source)
         print("$ python " + " ".join(cmd[1:]), flush=True)
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:

@@ -444,13 +444,18 @@ def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
     return float(np.sqrt((d.reshape(len(d), -1) ** 2).sum(1)).mean())
 
 
+def _load_trajectory(path: str) -> np.ndarray:
+    with np.load(path) as f:
+        return f["trajectory"].astype(np.float64)
+
+
 def _error_growth(rowdir: str, refdir: str) -> Optional[list]:
     """Per sampling step, the mean over the trajectory samples of ‖x_t − x_t^FP‖₂ (None
     without both trajectories, or on another step grid: the compute-matched rows)."""
     paths = [os.path.join(d, "trajectory.npz") for d in (rowdir, refdir)]
     if not all(os.path.exists(q) for q in paths):
         return None
-    traj, ref_traj = (np.load(q)["trajectory"].astype(np.float64) for q in paths)
+    traj, ref_traj = (_load_trajectory(q) for q in paths)
     if traj.shape != ref_traj.shape:
         return None
     d = np.sqrt(((traj - ref_traj) ** 2).reshape(traj.shape[0], traj.shape[1], -1).sum(-1))
