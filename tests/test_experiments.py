@@ -166,8 +166,9 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
     for table in ("table1", "table2", "table3", "table5"):
         c = tables.table_config(table, "gpu10k")
         c.model.source = json.loads((work / f"{table}_config.json").read_text())["model"]["source"]
+        # Table's own row_meta / num_steps on the config alone (no checkpoint loaded).
         fake = types.SimpleNamespace(config=c)
-        fake.num_steps = lambda row, c=c: row.num_steps or int(c.sampler.num_steps)
+        fake.num_steps = lambda row, fake=fake: reproduce.Table.num_steps(fake, row)
         for r in c.rows:
             row = reproduce.RowSpec.from_dict(r)
             defs[row.slug] = reproduce.Table.row_meta(fake, row)
