@@ -236,6 +236,18 @@ def test_paired_bootstrap_interval():
     better = base - 0.2  # closer to the reference mean
     lo, hi = reproduce.paired_bootstrap_gain(base, better, ref, replicates=20)
     assert 0 < lo <= hi < 1
+    # The interval holds its own point estimate: resampling raises both rows' FIDs by about
+    # the same amount (duplicated samples), which cancels in the difference but would pull
+    # a ratio of resampled FIDs towards 0 (the former interval missed the point here).
+    fb = metrics.FeatureStats.from_features(base).frechet_distance(
+        metrics.FeatureStats.from_arrays(ref), method="eigh")
+    fr = metrics.FeatureStats.from_features(better).frechet_distance(
+        metrics.FeatureStats.from_arrays(ref), method="eigh")
+    gain = (fb - fr) / fb
+    lo, hi = reproduce.paired_bootstrap_gain(base, better, ref, replicates=40)
+    assert lo < gain < hi
+    with pytest.raises(ValueError, match="replicates"):
+        reproduce.paired_bootstrap_gain(base, better, ref, replicates=1)
     lo, hi = reproduce.paired_bootstrap_gain(base, base, ref, replicates=5)
     assert lo == hi == 0
 

@@ -417,21 +417,32 @@ def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: di
     """95% interval of the relative FID gain (FID_base − FID_row) / FID_base under a
     paired bootstrap: the same resampled sample indices for both rows (their samples
     share x_T), the reference statistics fixed. FIDs by the symmetric ``eigh`` form
-    (:class:`iec_jax.metrics.ResampledFrechet`)."""
+    (:class:`iec_jax.metrics.ResampledFrechet`).
+
+    The interval is the percentile interval of the paired *difference*
+    FID_base* − FID_row*, divided by the full-sample FID_base. A resample holds only ~63%
+    distinct samples, which raises every resampled FID by about the same amount (at 500
+    Inception features: 61 → 75 for DeepCache N = 10); that shared bias cancels in the
+    difference but shrinks a ratio of resampled FIDs towards 0 — the percentile interval
+    of the resampled *ratio* then misses its own point estimate (+9.1% [+6.6, +8.1] on the
+    quick Table 2). The denominator is held at its full-sample value."""
     from iec_jax import metrics
 
     if len(feats_base) != len(feats_row):
         raise ValueError("paired bootstrap needs the same samples in both rows")
+    if int(replicates) < 2:
+        raise ValueError(f"need at least 2 bootstrap replicates, got {replicates}")
     ref_stats = metrics.FeatureStats.from_arrays(ref)
     fid_base = metrics.ResampledFrechet(feats_base, ref_stats)
     fid_row = metrics.ResampledFrechet(feats_row, ref_stats)
+    n = len(feats_base)
+    denom = fid_base(np.arange(n))
     rng = np.random.default_rng(seed)
-    gains = []
+    diffs = []
     for _ in range(int(replicates)):
-        idx = rng.integers(0, len(feats_base), len(feats_base))
-        fb, fr = fid_base(idx), fid_row(idx)
-        gains.append((fb - fr) / fb)
-    lo, hi = np.quantile(gains, [0.025, 0.975])
+        idx = rng.integers(0, n, n)
+        diffs.append(fid_base(idx) - fid_row(idx))
+    lo, hi = np.quantile(diffs, [0.025, 0.975]) / denom
     return float(lo), float(hi)
 
 
@@ -502,7 +513,8 @@ def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> No
                     "gain", "paper_fid", "paper_gain")] + [r.get("gain_ci95")])
     lines += ["", "gain = (FID_baseline − FID_row) / FID_baseline; paper gain = the same for"
               " the paper's CIFAR-10 cells" + (
-                  f"; [a, b] = 95% paired-bootstrap interval ({config.bootstrap} replicates)"
+                  f"; [a, b] = 95% paired-bootstrap interval ({config.bootstrap} replicates) of"
+                  " FID_baseline − FID_row, divided by FID_baseline"
                   if config.bootstrap else "") +
               ". L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
     if left_out:
