@@ -12,6 +12,7 @@ from configs.oracle import propagation as propagation_config
 from iec_jax.run import propagation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared", "models", "fmnist-ddpm")
 
 
 def test_propagation_study_smoke(tmp_path):
@@ -162,18 +163,27 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
     assert runs, "no device snapshots"
     work = tmp_path / "seeded"
     gpu_tables.extract(runs, work)
-    defs = {}
+    # The device's checkpoint is pack's copy of the shared one: same fingerprint.
+    from iec_jax.run.common import load_unet, model_fingerprint
+
+    fingerprint = model_fingerprint(*load_unet(SHARED))
+    defs, fakes = {}, {}
     for table in ("table1", "table2", "table3", "table5"):
         c = tables.table_config(table, "gpu10k")
+        # As on the device: the checkpoint at the path the rows were sampled with.
         c.model.source = json.loads((work / f"{table}_config.json").read_text())["model"]["source"]
-        # Table's own row_meta / num_steps on the config alone (no checkpoint loaded).
-        fake = types.SimpleNamespace(config=c)
+        # Table's own row_meta / normalize on the config alone (no checkpoint loaded).
+        fake = types.SimpleNamespace(config=c, _legacy_sources={}, model_key=dict(
+            name=c.model.name, dtype=c.model.dtype, fingerprint=fingerprint))
         fake.num_steps = lambda row, fake=fake: reproduce.Table.num_steps(fake, row)
+        fake._legacy_model_matches = lambda m, fake=fake: reproduce.Table._legacy_model_matches(fake, m)
         for r in c.rows:
             row = reproduce.RowSpec.from_dict(r)
             defs[row.slug] = reproduce.Table.row_meta(fake, row)
+            fakes[row.slug] = fake
     seeded = sorted(p.parent.name for p in (work / "rows").glob("*/row.json"))
     assert len(seeded) >= 8
     for slug in seeded:
         stored = json.loads((work / "rows" / slug / "row.json").read_text())
-        assert stored == json.loads(json.dumps(defs[slug])), slug
+        norm = lambda d, f=fakes[slug]: reproduce.Table.normalize(f, d)  # noqa: E731
+        assert norm(stored) == norm(defs[slug]), slug

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -193,6 +194,62 @@ def test_seeded_workdir_resamples_the_reference_row_only(tiny_run, tmp_path):
     assert (seeded / "rows" / "FP" / "samples" / "samples_00000.npz").exists()
     assert not (seeded / "rows" / "CacheQuant_W8A8_N_2" / "samples").exists()
     assert got[2]["l2_to_fp"] == pytest.approx(results[2]["l2_to_fp"], rel=1e-6)
+
+
+def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
+    """row.json and the L2 / FLOPs caches name the model by its content fingerprint: the
+    same checkpoint at another path (and a changed paper cell, a label) reuses the rows;
+    a row.json from before fingerprints (model by path) is accepted when that path holds
+    today's model, and refused when it cannot be checked."""
+    import shutil
+
+    work, results = tiny_run
+    snap = tmp_path / "snap"
+    for p in work.rglob("*.json"):
+        (snap / p.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, snap / p.relative_to(work))
+    (tmp_path / "elsewhere").symlink_to(SHARED, target_is_directory=True)
+    c = _config()
+    c.time_budget_s = 0.0
+    c.model.source = str(tmp_path / "elsewhere")
+    c.rows[2]["paper_gain"] = 0.5
+    got = reproduce.run(c, str(snap))
+    assert [r["fid"] for r in got] == [r["fid"] for r in results]
+    assert [r["l2_to_fp"] for r in got] == [r["l2_to_fp"] for r in results]
+    row_json = snap / "rows" / "CacheQuant_W8A8_N_2_plus_IEC" / "row.json"
+    assert json.loads(row_json.read_text())["row"]["paper_gain"] == 0.5  # brought up to date
+    # The former keys: the checkpoint by path.
+    legacy = dict(dtype="float32", name="fmnist-ddpm", source=str(SHARED))
+    for p in (snap / "rows").glob("*/row.json"):
+        d = json.loads(p.read_text())
+        assert len(d["model"]["fingerprint"]) == 64
+        d["model"] = legacy
+        p.write_text(json.dumps(d))
+    for p in (snap / "rows").glob("*/l2.json"):
+        d = json.loads(p.read_text())
+        d["key"]["reference"]["model"] = legacy
+        p.write_text(json.dumps(d))
+    got = reproduce.run(c, str(snap))
+    assert [r["l2_to_fp"] for r in got] == [r["l2_to_fp"] for r in results]  # cache kept
+    assert "fingerprint" in json.loads(row_json.read_text())["model"]
+    d = json.loads(row_json.read_text())
+    d["model"] = dict(legacy, source=str(tmp_path / "gone"))
+    row_json.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="other settings"):
+        reproduce.run(c, str(snap))
+
+
+def test_model_fingerprint_is_content():
+    from iec_jax.run.common import model_fingerprint
+
+    params = {"a": {"kernel": np.ones((2, 3), np.float32)}, "b": np.zeros(4, np.float32)}
+    f = model_fingerprint({"ch": 8}, params)
+    assert f == model_fingerprint({"ch": 8}, jax.tree.map(np.copy, params))
+    bumped = jax.tree.map(np.copy, params)
+    bumped["b"][1] = np.float32(1e-30)
+    assert model_fingerprint({"ch": 8}, bumped) != f
+    assert model_fingerprint({"ch": 16}, params) != f
+    assert model_fingerprint({"ch": 8}, jax.tree.map(lambda x: x.astype(np.float16), params)) != f
 
 
 @pytest.mark.parametrize("fields, match", [

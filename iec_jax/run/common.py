@@ -45,6 +45,28 @@ def load_unet(source: str):
     )
 
 
+def model_fingerprint(unet_config, params) -> str:
+    """SHA-256 of a model's architecture and weights (the UNet config, then every parameter's
+    path, dtype, shape and bytes, in tree order): what a result computed with the model
+    depends on, independent of where the checkpoint lies or its format (a diffusers folder
+    and its ``experiments.convert`` output give the same fingerprint)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    cfg = dataclasses.asdict(unet_config) if dataclasses.is_dataclass(unet_config) else unet_config
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def unet_denoiser(unet_config, dtype: str = "float32"):
     """``params -> eps_fn(x, t)`` for the Flax UNet (NHWC), computing in ``dtype``."""
     from iec_jax.models import UNet

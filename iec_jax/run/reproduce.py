@@ -5,8 +5,11 @@ efficient model (float, PTQ, DeepCache, CacheQuant = cache + quantization + DEC)
 setting and optionally a different number of sampling steps (the compute-matched
 controls). For every row the job writes, under ``<workdir>/rows/<row>/``:
 
-* ``row.json`` — the row and the sampler settings it was generated with (a directory
-  that belongs to other settings is refused, never mixed);
+* ``row.json`` — the row and the settings its samples depend on, the model by name, dtype
+  and content fingerprint (:func:`iec_jax.run.common.model_fingerprint`), not by path: a
+  directory that belongs to other settings is refused, never mixed; one written before
+  fingerprints (model by path) is accepted when that path is today's ``model.source`` or
+  still holds a checkpoint with today's fingerprint;
 * ``samples/samples_{k:05d}.npz`` — float32 x_0 (resumable shards; sample i depends only
   on (seed, i), so every row sees the same x_T: rows are paired);
 * ``features/features_{k:05d}.npz`` — Inception features of the uint8 images;
@@ -56,7 +59,7 @@ from tqdm.auto import tqdm
 import iec_jax
 from iec_jax import pipeline
 from iec_jax.io import write_json, write_npz, write_text
-from iec_jax.run.common import build_schedule, load_unet
+from iec_jax.run.common import build_schedule, load_unet, model_fingerprint
 from iec_jax.run.evaluate import FeatureShards, compute_metrics, reference_features
 
 __all__ = ["RowSpec", "run", "calibrate", "parse_bits", "paired_bootstrap_gain"]
@@ -212,6 +215,10 @@ class Table:
         self.config = config
         self.workdir = workdir
         self.unet_config, self.params = load_unet(config.model.source)
+        # Results are keyed by the model's content, not by where the checkpoint lies.
+        self.model_key = dict(name=config.model.name, dtype=config.model.dtype,
+                              fingerprint=model_fingerprint(self.unet_config, self.params))
+        self._legacy_sources: dict[str, bool] = {}
         self.schedule = build_schedule(config.schedule)
         self.shape = (self.unet_config.sample_size, self.unet_config.sample_size,
                       self.unet_config.in_channels)
@@ -240,7 +247,7 @@ class Table:
     def row_meta(self, row: RowSpec) -> dict:
         """What the row's samples depend on (the calibration only where it is used)."""
         c = self.config
-        meta = dict(row=dataclasses.asdict(row), model=c.model.to_dict(),
+        meta = dict(row=dataclasses.asdict(row), model=dict(self.model_key),
                     schedule=c.schedule.to_dict(), sampler=c.sampler.to_dict(),
                     num_steps=self.num_steps(row), seed=int(c.seed),
                     cache_point=list(c.cache_point),
@@ -256,39 +263,93 @@ class Table:
                                        nonuniform_pow=cal.nonuniform_pow)
         return meta
 
+    def normalize(self, stored):
+        """A stored key (row.json, a cache's key) in today's comparable form: JSON-plain;
+        each row's labels (baseline, paper cells: they do not change its samples) dropped;
+        a ``model`` block written before fingerprints (``source``: a checkpoint path)
+        replaced by today's when it names the same model: the same path as
+        ``config.model.source``, or a checkpoint still at that path with today's
+        fingerprint (left as it is otherwise, so it does not match)."""
+        import json
 
-def _check_row_dir(rowdir: str, meta: dict) -> None:
+        def walk(d):
+            if isinstance(d, list):
+                return [walk(v) for v in d]
+            if not isinstance(d, dict):
+                return d
+            d = {k: walk(v) for k, v in d.items()}
+            if isinstance(d.get("row"), dict):
+                d["row"] = {k: v for k, v in d["row"].items() if k not in ROW_LABELS}
+            m = d.get("model")
+            if isinstance(m, dict) and "source" in m and "fingerprint" not in m:
+                if self._legacy_model_matches(m):
+                    d["model"] = dict(self.model_key)
+            return d
+
+        return walk(json.loads(json.dumps(stored)))
+
+    def _legacy_model_matches(self, m: dict) -> bool:
+        c = self.config.model
+        if m.get("name") != c.name or m.get("dtype", "float32") != c.dtype:
+            return False
+        src = str(m["source"])
+        if src not in self._legacy_sources:
+            same = os.path.abspath(os.path.expanduser(src)) == os.path.abspath(
+                os.path.expanduser(c.source))
+            if not same:
+                try:
+                    same = model_fingerprint(*load_unet(src)) == self.model_key["fingerprint"]
+                except (OSError, ValueError):
+                    same = False
+            self._legacy_sources[src] = same
+        return self._legacy_sources[src]
+
+
+# RowSpec fields that label a row without changing its samples (left out of comparisons).
+ROW_LABELS = ("baseline", "paper_fid", "paper_gain")
+
+
+def _check_row_dir(rowdir: str, meta: dict, normalize) -> None:
+    """Refuses a row directory written for other settings (compared after ``normalize``:
+    labels and the checkpoint's location do not count); brings its row.json up to date
+    when only those differ."""
     import json
 
     path = os.path.join(rowdir, "row.json")
+    meta = json.loads(json.dumps(meta))
     if os.path.exists(path):
         old = json.loads(Path(path).read_text())
-        if old != json.loads(json.dumps(meta)):
-            diff = sorted(k for k in set(old) | set(meta) if old.get(k) != json.loads(json.dumps(meta)).get(k))
+        a, b = normalize(old), normalize(meta)
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ValueError(f"{rowdir} was generated with other settings ({diff}); use another"
                              " --workdir or remove the directory")
+        if old != meta:
+            write_json(path, meta)
     else:
         write_json(path, meta)
 
 
-def _read_cached(path: str, key: dict):
-    """The value kept in ``path`` for ``key`` (None when absent or kept for another key)."""
+def _read_cached(path: str, key: dict, normalize=None):
+    """The value kept in ``path`` for ``key`` (None when absent or kept for another key;
+    keys compared after ``normalize`` where given)."""
     import json
 
+    norm = normalize or (lambda k: json.loads(json.dumps(k)))
     if os.path.exists(path):
         d = json.loads(Path(path).read_text())
-        if d.get("key") == json.loads(json.dumps(key)):
+        if "key" in d and norm(d["key"]) == norm(key):
             return d["value"]
     return None
 
 
-def _cached(path: str, key: dict, compute):
+def _cached(path: str, key: dict, compute, normalize=None):
     """``compute()``'s value, kept in ``path`` with ``key`` (recomputed when the key
     differs; a None value is not kept): a row's metrics against the reference split, its
     distances to the FP row, the passes' FLOPs."""
     import json
 
-    value = _read_cached(path, key)
+    value = _read_cached(path, key, normalize)
     if value is None:
         value = compute()
         if value is not None:
@@ -351,7 +412,7 @@ def _float_shards(directory, config) -> pipeline.SampleShards:
 
 def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
     config = table.config
-    _check_row_dir(rowdir, table.row_meta(row))
+    _check_row_dir(rowdir, table.row_meta(row), table.normalize)
     t0 = time.time()
     factory, fparams = table.denoiser(row)
     _say(f"{row.name}: model built (calibrated where its artifacts were missing)", t0)
@@ -582,10 +643,11 @@ def run(config, workdir: str) -> list[dict]:
     write_json(os.path.join(workdir, f"{config.table}_config.json"), config.to_dict())
     table = Table(config, workdir)
     flops = _cached(os.path.join(workdir, "flops.json"),
-                    dict(model=config.model.to_dict(), cache_point=list(config.cache_point),
+                    dict(model=table.model_key, cache_point=list(config.cache_point),
                          count="lowered HLO"),
                     lambda: _flops(table.unet_config, table.params, table.shape,
-                                   tuple(config.cache_point), config.model.dtype))
+                                   tuple(config.cache_point), config.model.dtype),
+                    table.normalize)
     refstats = reference_features(config.eval.dataset, config.eval.split,
                                   data_dir=config.eval.data_dir,
                                   batch_size=config.eval.inception_batch_size)
@@ -614,7 +676,7 @@ def run(config, workdir: str) -> list[dict]:
             m = None
         if m is not None:  # evaluated earlier (maybe elsewhere): its small files suffice
             print(f"[{i + 1}/{len(order)}] {row.name}: evaluated", flush=True)
-            _check_row_dir(rowdir, table.row_meta(row))
+            _check_row_dir(rowdir, table.row_meta(row), table.normalize)
             feats = _complete_features(rowdir, config) if config.bootstrap else None
             p = _Progress(os.path.join(rowdir, "progress.json"))
         elif not in_budget:
@@ -634,9 +696,9 @@ def run(config, workdir: str) -> list[dict]:
         if feats is not None:
             pools[row.name] = feats["pool"]
         l2 = _cached(os.path.join(rowdir, "l2.json"), ref_key,
-                     lambda: _l2_to(rowdir, refdir, config))
+                     lambda: _l2_to(rowdir, refdir, config), table.normalize)
         curve = _cached(os.path.join(rowdir, "error_growth.json"), ref_key,
-                        lambda: _error_growth(rowdir, refdir))
+                        lambda: _error_growth(rowdir, refdir), table.normalize)
         if curve is not None:
             curves[row.name] = curve
         nfe_full, nfe_partial = p.per_sample("nfe_full"), p.per_sample("nfe_partial")
