@@ -122,4 +122,16 @@ def table5():
     ]
 
 
-TABLES = {"table1": table1, "table2": table2, "table3": table3, "table5": table5}
+def _fresh(fn):
+    """``fn``'s rows as new dicts on every call: a config variant (``smoke``) edits its
+    rows in place, which must not reach the shared row objects above."""
+
+    def rows():
+        return [dict(r) for r in fn()]
+
+    rows.__doc__ = fn.__doc__
+    return rows
+
+
+TABLES = {name: _fresh(fn) for name, fn in
+          {"table1": table1, "table2": table2, "table3": table3, "table5": table5}.items()}

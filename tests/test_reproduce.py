@@ -116,6 +116,50 @@ def test_calibration_is_one_deterministic_resumable_command(tiny_run, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+def test_artifacts_are_keyed_by_model_content(tiny_run, tmp_path, capsys):
+    """Calibration artifacts record the model's fingerprint: another checkpoint under the
+    same model name is refused; artifacts from before fingerprints are accepted by name
+    (said so) and recorded with the fingerprint, their contents unchanged."""
+    import shutil
+
+    from iec_jax.efficient import calibration as calib_lib
+
+    work, _ = tiny_run
+    art = tmp_path / "artifacts"
+    shutil.copytree(work / "artifacts", art)
+    c = _config()
+    row = reproduce.RowSpec.from_dict(c.rows[1])
+    table = reproduce.Table(c, str(tmp_path))
+    table.methods.fingerprint = "0" * 64  # as if another checkpoint named fmnist-ddpm
+    with pytest.raises(ValueError, match="another model|other settings"):
+        table.denoiser(row)
+    # Written before fingerprints: strip them.
+    sides = sorted(art.glob("*.json"))
+    caches = [p for p in art.glob("*.npz") if not p.with_suffix(".json").exists()]
+    assert sides and caches
+    for p in sides:
+        d = json.loads(p.read_text())
+        del d["model_fingerprint"]
+        p.write_text(json.dumps(d))
+    quant_bytes = {p: p.read_bytes() for p in art.glob("*.npz") if p not in caches}
+    for p in caches:
+        full, dec, meta = calib_lib.load_cache_artifacts(p, {})
+        del meta["model_fingerprint"]
+        calib_lib.save_cache_artifacts(p, full, dec, meta)
+    table = reproduce.Table(c, str(tmp_path))
+    table.denoiser(row)
+    assert "calibrated before model fingerprints" in capsys.readouterr().out
+    used = [p for p in sides if "W8A8" in p.name]  # the state read (its A8 tables are inside)
+    assert used
+    for p in used:
+        assert json.loads(p.read_text())["model_fingerprint"] == table.model_key["fingerprint"]
+    for p in caches:
+        assert calib_lib.load_cache_artifacts(p, {})[2]["model_fingerprint"] == table.model_key["fingerprint"]
+    assert {p: p.read_bytes() for p in quant_bytes} == quant_bytes  # nothing recalibrated
+    table.denoiser(row)
+    assert "before model fingerprints" not in capsys.readouterr().out
+
+
 def test_only_selects_rows(tiny_run):
     work, _ = tiny_run
     c = _config()
@@ -281,6 +325,20 @@ def test_table_configs_are_complete():
     assert paper["W8A8"] == "4.32" and paper["W8A8 + IEC"] == "3.76"
     gains = {r["name"]: r["paper_gain"] for r in table2.get_config().rows}
     assert gains["DeepCache N=10 + IEC"] == 0.20 and gains["DeepCache N=15 + IEC"] == 0.15
+
+
+def test_config_variants_do_not_leak_into_each_other():
+    """The smoke variant shrinks its rows in place; another config built afterwards in the
+    same process keeps the paper's settings (the rows shared between tables are not
+    edited)."""
+    from configs.cifar10 import table as cifar_tables
+    from configs.fmnist import table as fmnist_tables
+
+    fmnist_tables.table_config("table2", "smoke")
+    for module in (fmnist_tables, cifar_tables):
+        rows = {r["name"]: r for r in module.table_config("table2", None).rows}
+        assert rows["DeepCache N=10"]["cache_interval"] == 10
+        assert rows["DeepCache N=15 + IEC"]["cache_interval"] == 15
 
 
 def test_paired_bootstrap_interval():

@@ -20,7 +20,8 @@ The official CacheQuant/IEC pipeline order (PAPER.md §6.4) is followed:
 
 Every artifact is written once under ``artifact_dir`` with a key naming model, steps,
 interval, schedule and bit-widths (``fmnist-ddpm_S100_N10_uniform_W8A8``) and is reloaded
-(and checked against its metadata) on later runs: calibration is resumable and, given its
+(and checked against its metadata, which holds the model's content fingerprint, so a
+different checkpoint under the same name is refused) on later runs: calibration is resumable and, given its
 seed, deterministic. The FP trajectories are recomputed when an artifact is missing (they
 are large: ~7 MB per sample at S = 100 for fmnist-ddpm, so they are not stored).
 """
@@ -46,13 +47,16 @@ __all__ = ["MethodBuilder"]
 class MethodBuilder:
     def __init__(self, unet_config, params, *, schedule: NoiseSchedule, shape: tuple,
                  cache_point, model_name: str, dtype: str = "float32", calibration,
-                 artifact_dir: str, spacing: str):
-        from iec_jax.run.common import DTYPES
+                 artifact_dir: str, spacing: str, fingerprint: Optional[str] = None):
+        from iec_jax.run.common import DTYPES, model_fingerprint
 
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
         self.unet = UNet(unet_config, dtype=DTYPES[dtype])
         self.params = params
+        # Artifacts name the model; its content fingerprint (architecture and weights)
+        # guards against another checkpoint under the same name.
+        self.fingerprint = fingerprint or model_fingerprint(unet_config, params)
         self.schedule = schedule
         self.shape = tuple(shape)
         self.cache_point = tuple(int(i) for i in cache_point)
@@ -77,6 +81,17 @@ class MethodBuilder:
             meta.update(dps_samples=int(c.dps_samples))
         return meta
 
+    def _legacy(self, path: str, stored: dict) -> dict:
+        """An artifact written before fingerprints (no ``model_fingerprint``) is taken to
+        be of this model when everything else matches (its name included): said, and
+        recorded with this model's fingerprint from now on."""
+        if "model_fingerprint" in stored:
+            return stored
+        print(f"{path}: calibrated before model fingerprints; accepted for model"
+              f" {stored.get('model')!r} by name, recorded with fingerprint"
+              f" {self.fingerprint[:12]}…", flush=True)
+        return dict(stored, model_fingerprint=self.fingerprint)
+
     def _have(self, path: str, meta: dict) -> bool:
         """A quantizer artifact ``path`` is reused only with its sidecar ``.json`` equal to
         ``meta`` (written after the .npz: a missing sidecar means an interrupted write)."""
@@ -84,11 +99,14 @@ class MethodBuilder:
         if not (os.path.exists(path) and os.path.exists(side)):
             return False
         with open(side) as f:
-            stored = json.load(f)
+            raw = json.load(f)
+        stored = self._legacy(path, raw)
         if stored != json.loads(json.dumps(meta)):
             diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
             raise ValueError(f"{path} was calibrated with other settings ({diff}); remove it or"
                              " use another --workdir")
+        if stored != raw:
+            write_json(side, stored)
         return True
 
     def timesteps(self, num_steps: int) -> np.ndarray:
@@ -110,7 +128,8 @@ class MethodBuilder:
         """What an artifact depends on (and nothing else, so that unrelated calibration
         settings do not invalidate it)."""
         c = self.calib
-        meta = dict(model=self.model_name, num_steps=int(num_steps), interval=int(interval),
+        meta = dict(model=self.model_name, model_fingerprint=self.fingerprint,
+                    num_steps=int(num_steps), interval=int(interval),
                     schedule=kind, spacing=self.spacing, cache_point=list(self.cache_point),
                     bits="float" if bits is None else f"W{bits[0]}A{bits[1]}", dec=bool(dec),
                     dtype=self.dtype)
@@ -133,7 +152,15 @@ class MethodBuilder:
         meta = self._meta(num_steps, interval, kind, dec=dec)
         path = self._path(stem)
         if os.path.exists(path):
-            full, d, _ = calib_lib.load_cache_artifacts(path, meta)
+            bare = {k: v for k, v in meta.items() if k != "model_fingerprint"}
+            full, d, stored = calib_lib.load_cache_artifacts(path, bare)
+            if stored.get("model_fingerprint", self.fingerprint) != self.fingerprint:
+                raise ValueError(f"{path} was calibrated for another model of the same name"
+                                 " (model_fingerprint differs); remove it or use another"
+                                 " --workdir")
+            if "model_fingerprint" not in stored:
+                self._legacy(path, stored)
+                calib_lib.save_cache_artifacts(path, full, d, meta)
             return full, d
         features = None
         if kind == "dps" or dec:

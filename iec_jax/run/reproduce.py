@@ -227,6 +227,7 @@ class Table:
             cache_point=tuple(config.cache_point), model_name=config.model.name,
             dtype=config.model.dtype, calibration=config.calibration,
             artifact_dir=os.path.join(workdir, "artifacts"), spacing=config.sampler.spacing,
+            fingerprint=self.model_key["fingerprint"],
         )
 
     def num_steps(self, row: RowSpec) -> int:
