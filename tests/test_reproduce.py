@@ -283,8 +283,19 @@ def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
         reproduce.run(c, str(snap))
 
 
-def test_model_fingerprint_is_content():
-    from iec_jax.run.common import model_fingerprint
+def test_model_fingerprint_is_content(tmp_path):
+    import subprocess
+    import sys
+
+    from iec_jax.run.common import load_unet, model_fingerprint
+
+    # A diffusers folder and its converted checkpoint are the same model.
+    subprocess.run([sys.executable, "-m", "experiments.convert", f"--src={SHARED}",
+                    f"--dst={tmp_path / 'converted'}"], check=True, cwd=ROOT,
+                   capture_output=True)
+    assert (tmp_path / "converted" / "checkpoint.json").exists()
+    assert (model_fingerprint(*load_unet(str(tmp_path / "converted")))
+            == model_fingerprint(*load_unet(str(SHARED))))
 
     params = {"a": {"kernel": np.ones((2, 3), np.float32)}, "b": np.zeros(4, np.float32)}
     f = model_fingerprint({"ch": 8}, params)
