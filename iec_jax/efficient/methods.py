@@ -153,13 +153,13 @@ class MethodBuilder:
         path = self._path(stem)
         if os.path.exists(path):
             bare = {k: v for k, v in meta.items() if k != "model_fingerprint"}
-            full, d, stored = calib_lib.load_cache_artifacts(path, bare)
-            if stored.get("model_fingerprint", self.fingerprint) != self.fingerprint:
+            full, d, raw = calib_lib.load_cache_artifacts(path, bare)
+            stored = self._legacy(path, raw)
+            if stored["model_fingerprint"] != self.fingerprint:
                 raise ValueError(f"{path} was calibrated for another model of the same name"
                                  " (model_fingerprint differs); remove it or use another"
                                  " --workdir")
-            if "model_fingerprint" not in stored:
-                self._legacy(path, stored)
+            if stored is not raw:  # upgraded: record the fingerprint
                 calib_lib.save_cache_artifacts(path, full, d, meta)
             return full, d
         features = None

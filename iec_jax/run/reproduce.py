@@ -483,11 +483,11 @@ def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: di
 
     The interval is the percentile interval of the paired *difference*
     FID_base* − FID_row*, divided by the full-sample FID_base. A resample holds only ~63%
-    distinct samples, which raises every resampled FID by about the same amount (at 500
-    Inception features: 61 → 75 for DeepCache N = 10); that shared bias cancels in the
-    difference but shrinks a ratio of resampled FIDs towards 0 — the percentile interval
-    of the resampled *ratio* then misses its own point estimate (+9.1% [+6.6, +8.1] on the
-    quick Table 2). The denominator is held at its full-sample value."""
+    distinct samples, which raises every resampled FID by about the same amount; that
+    shared bias cancels in the difference but shrinks a ratio of resampled FIDs towards
+    0 — the percentile interval of the resampled *ratio* then misses its own point
+    estimate (+9.1% [+6.6, +8.1] on the quick Table 2; a test shows the same on synthetic
+    features). The denominator is held at its full-sample value."""
     from iec_jax import metrics
 
     if len(feats_base) != len(feats_row):
