@@ -197,19 +197,52 @@ _SMALL_NAMES = ("_result.json", "_config.json", "progress.json", "row.json", "me
                 "l2.json", "error_growth.json", "flops.json")
 
 
-def snapshot(workdir: str, out: Path) -> Path:
+def snapshot(workdir: str, out: Path, rows=None) -> Path:
     """``out/tables.tar.gz``: the work directory's small files (tables, plots, logs, each
     row's row.json / progress.json / metrics.json), replaced atomically, so that a run
-    killed at any moment still leaves the last complete snapshot."""
+    killed at any moment still leaves the last complete snapshot. ``rows``: the row
+    directories to keep (None: all)."""
     from iec_jax.io import atomic_path
 
     archive = out / "tables.tar.gz"
     root = Path(workdir)
     with atomic_path(str(archive)) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for p in sorted(root.rglob("*")):
+            rel = p.relative_to(root)
+            if (rows is not None and len(rel.parts) > 1 and rel.parts[0] == "rows"
+                    and rel.parts[1] not in rows):
+                continue
             if p.is_file() and (p.suffix in _SMALL_SUFFIXES or p.name.endswith(_SMALL_NAMES)):
-                tar.add(p, arcname=str(Path(root.name) / p.relative_to(root)))
+                tar.add(p, arcname=str(Path(root.name) / rel))
     return archive
+
+
+def snapshot_here(workdir: str, out: Path) -> Path:
+    """``snapshot`` of a work directory computed on this machine, plus a ``machine.txt``
+    in the form ``collect`` reads (a header line, then the machine's name first). Only
+    evaluated rows travel: a row with samples but no metrics would be sampled again from
+    the start by a seeded run, and ``collect`` drops its progress anyway."""
+    import platform
+
+    import jax
+
+    rows = sorted(p.parent.name for p in Path(workdir).glob("rows/*/metrics.json"))
+    if not rows:
+        raise FileNotFoundError(f"{workdir} has no evaluated row (rows/*/metrics.json)")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "machine.txt").write_text(
+        "name, cores\n"
+        f"{cpu}, {os.cpu_count()} cores (CPU, {jax.device_count()} JAX devices)\n"
+        f"{sys.version.split()[0]} jax {jax.__version__} evaluated rows: {', '.join(rows)}\n")
+    return snapshot(workdir, out, rows)
 
 
 def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) -> None:
@@ -380,8 +413,9 @@ def collect(results: list, workdir: Path) -> None:
 
 
 def main(argv):
-    if len(argv) < 2 or argv[1] not in ("pack", "restore", "run", "collect"):
-        raise app.UsageError("usage: python -m experiments.gpu_tables pack|restore|run [--flags]"
+    if len(argv) < 2 or argv[1] not in ("pack", "restore", "run", "collect", "snapshot"):
+        raise app.UsageError("usage: python -m experiments.gpu_tables"
+                             " pack|restore|run|snapshot [--flags]"
                              " | collect RESULT_DIR... --workdir DIR")
     if len(argv) > 2 and argv[1] != "collect":
         raise app.UsageError(f"{argv[1]} takes flags only, got {argv[2:]}")
@@ -392,6 +426,10 @@ def main(argv):
         if len(argv) < 3:
             raise app.UsageError("collect needs the result directories of run")
         collect(argv[2:], ROOT / _WORKDIR.value)
+    elif argv[1] == "snapshot":
+        if not _OUT.value:
+            raise app.UsageError("snapshot needs --out")
+        print(snapshot_here(_WORKDIR.value, Path(_OUT.value)))
     elif argv[1] == "restore":
         from configs.fmnist import table as tables
 

@@ -101,6 +101,42 @@ def test_gpu_tables_workers_name_real_rows_and_snapshots_are_small(tmp_path):
     assert os.listdir(tmp_path / "out") == ["tables.tar.gz"]
 
 
+def test_gpu_tables_snapshot_of_rows_computed_here(tmp_path):
+    """``snapshot`` packs a work directory computed on this machine as a result directory
+    that ``collect`` reads: evaluated rows only (a sampled, unevaluated row would be
+    sampled again from the start by a seeded lease), and a machine.txt naming this CPU."""
+    import json
+    import tarfile
+
+    from experiments import gpu_tables
+
+    work = tmp_path / "gpu10k_cpu"
+    files = {"table2_config.json": "{}", "table2.md": "x",
+             "rows/DC15/row.json": "{}", "rows/DC15/metrics.json": "{}",
+             "rows/DC15/progress.json": json.dumps({"samples": 10, "device": "2 × cpu"}),
+             "rows/DC15/samples/samples_00000.npz": "x",
+             "rows/DC15_IEC/row.json": "{}", "rows/DC15_IEC/progress.json": "{}"}
+    for name, text in files.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    out = tmp_path / "docs" / "cpu"
+    with pytest.raises(FileNotFoundError, match="no evaluated row"):
+        gpu_tables.snapshot_here(str(work / "rows" / "DC15_IEC"), out)
+    archive = gpu_tables.snapshot_here(str(work), out)
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == [
+            "gpu10k_cpu/rows/DC15/metrics.json", "gpu10k_cpu/rows/DC15/progress.json",
+            "gpu10k_cpu/rows/DC15/row.json", "gpu10k_cpu/table2.md",
+            "gpu10k_cpu/table2_config.json"]
+    machine = (out / "machine.txt").read_text().splitlines()
+    assert "cores (CPU" in machine[1] and "DC15" in machine[2]
+    collected = tmp_path / "collected"
+    gpu_tables.extract([out], collected)
+    prog = json.loads((collected / "rows" / "DC15" / "progress.json").read_text())
+    assert prog["device"] == "2 × cpu"
+    assert not (collected / "rows" / "DC15_IEC").exists()
+
+
 def test_gpu_tables_collect_extracts_and_records_the_machine(tmp_path):
     """collect unpacks each run's snapshot (later ones replace earlier files), names the
     GPU of machine.txt on rows whose progress.json predates the device field, and
@@ -159,7 +195,7 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
 
     from pathlib import Path
 
-    runs = sorted((Path(ROOT) / "docs" / "device").glob("*_call*"))
+    runs = sorted(p.parent for p in (Path(ROOT) / "docs" / "device").glob("*/tables.tar.gz"))
     assert runs, "no device snapshots"
     work = tmp_path / "seeded"
     gpu_tables.extract(runs, work)
