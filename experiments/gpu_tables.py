@@ -240,7 +240,7 @@ def snapshot_here(workdir: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "machine.txt").write_text(
         "name, cores\n"
-        f"{cpu}, {os.cpu_count()} cores (CPU, {jax.device_count()} JAX devices)\n"
+        f"{cpu}, {os.cpu_count()} cores (CPU; each row's progress.json names its devices)\n"
         f"{sys.version.split()[0]} jax {jax.__version__} evaluated rows: {', '.join(rows)}\n")
     return snapshot(workdir, out, rows)
 
