@@ -49,7 +49,10 @@ def smoke(c) -> None:
     c.trajectory_samples = 2
     c.sampler.num_steps = 10
     c.calibration.update(dict(num_samples=8, batch_size=4, per_step_full=4,
-                              per_step_cached=2, dps_samples=4))
+                              per_step_cached=2, dps_samples=4,
+                              # DeepCache's non-uniform rule has no 5 distinct steps for
+                              # S = 10, N = 2, center 5 at pow <= 1.4; at 2.0 it has.
+                              nonuniform_pow=2.0))
     c.eval.split = "test[:64]"
     c.eval.inception_batch_size = 8
     c.eval.frechet_method = "eigh"
