@@ -104,6 +104,24 @@ def test_resume_does_no_work_and_refuses_other_settings(tiny_run):
         reproduce.run(other, str(work))
 
 
+def test_row_dir_with_nothing_computed_takes_new_settings(tmp_path, capsys):
+    """A row that failed before it computed anything (say, while its model was built)
+    leaves only its row.json: a re-run with other settings replaces it (said so). Once
+    anything was computed there, other settings are refused."""
+    row = tmp_path / "rows" / "X"
+    row.mkdir(parents=True)
+    (row / "samples").mkdir()  # an empty folder is nothing computed
+    (row / "row.json").write_text(json.dumps({"steps": 10}))
+    same = lambda d: d  # noqa: E731
+    reproduce._check_row_dir(str(row), {"steps": 20}, same)
+    assert json.loads((row / "row.json").read_text()) == {"steps": 20}
+    assert "nothing computed under them; replaced" in capsys.readouterr().out
+    (row / "samples" / "samples_00000.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match="other settings"):
+        reproduce._check_row_dir(str(row), {"steps": 30}, same)
+    assert json.loads((row / "row.json").read_text()) == {"steps": 20}
+
+
 def test_calibration_is_one_deterministic_resumable_command(tiny_run, tmp_path):
     work, _ = tiny_run
     digests = reproduce.calibrate(_config(), str(tmp_path))

@@ -312,8 +312,9 @@ ROW_LABELS = ("baseline", "paper_fid", "paper_gain")
 
 def _check_row_dir(rowdir: str, meta: dict, normalize) -> None:
     """Refuses a row directory written for other settings (compared after ``normalize``:
-    labels and the checkpoint's location do not count); brings its row.json up to date
-    when only those differ."""
+    labels and the checkpoint's location do not count) once anything was computed in it;
+    brings its row.json up to date when only those differ, or when it holds nothing but
+    its row.json."""
     import json
 
     path = os.path.join(rowdir, "row.json")
@@ -323,8 +324,14 @@ def _check_row_dir(rowdir: str, meta: dict, normalize) -> None:
         a, b = normalize(old), normalize(meta)
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ValueError(f"{rowdir} was generated with other settings ({diff}); use another"
-                             " --workdir or remove the directory")
+            derived = [q for q in Path(rowdir).rglob("*") if q.is_file() and q.name != "row.json"]
+            if derived:
+                raise ValueError(f"{rowdir} was generated with other settings ({diff}); use"
+                                 " another --workdir or remove the directory")
+            # Nothing was computed under the old settings (e.g. the row failed while its
+            # model was built): the new settings replace them.
+            print(f"{rowdir}: row.json written for other settings ({diff}) but nothing"
+                  " computed under them; replaced", flush=True)
         if old != meta:
             write_json(path, meta)
     else:
