@@ -14,6 +14,7 @@ from configs.base import table_config, table_row
 from configs.fmnist import table1, table2, table3, table5
 from iec_jax.run import reproduce
 from iec_jax.efficient import cache as cache_lib
+from iec_jax.efficient.methods import nonuniform_center
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
@@ -350,13 +351,12 @@ def test_table_configs_are_complete():
             assert any(r.iec != "none" for r in rows)
             # Every fixed cache schedule can be built at the variant's step count (the
             # non-uniform rule has no solution for some (S, N, center, pow): the smoke
-            # table's 10 steps once failed on the lent machine's dry run, not in a test).
+            # table's 10 steps once failed in a CPU dry run of the GPU driver).
             for r in rows:
                 if r.cache_interval and r.cache_schedule != "dps":
                     S = r.num_steps or int(c.sampler.num_steps)
-                    center = c.calibration.nonuniform_center
                     cache_lib.make_schedule(r.cache_schedule, S, r.cache_interval,
-                                            center=S // 2 if center < 0 else center,
+                                            center=nonuniform_center(c.calibration, S),
                                             pow=c.calibration.nonuniform_pow)
         text = Path(module.__file__).read_text()
         assert "python -m experiments.reproduce --config configs/fmnist/" in text

@@ -41,7 +41,14 @@ from iec_jax.io import write_json
 from iec_jax.models import UNet
 from iec_jax.schedule import NoiseSchedule, make_timesteps
 
-__all__ = ["MethodBuilder"]
+__all__ = ["MethodBuilder", "nonuniform_center"]
+
+
+def nonuniform_center(calib, num_steps: int) -> int:
+    """The non-uniform cache schedule's centre step: ``calib.nonuniform_center``, or the
+    middle step where it is unset (None or negative)."""
+    c = calib.nonuniform_center
+    return int(num_steps // 2 if c is None or c < 0 else c)
 
 
 class MethodBuilder:
@@ -142,8 +149,7 @@ class MethodBuilder:
         return meta
 
     def _center(self, num_steps: int) -> int:
-        c = self.calib.nonuniform_center
-        return int(num_steps // 2 if c is None or c < 0 else c)
+        return nonuniform_center(self.calib, num_steps)
 
     def cache_artifacts(self, num_steps: int, interval: int, kind: str, dec: bool):
         """(full-step mask, CacheDEC or None), computed once and stored."""

@@ -324,8 +324,7 @@ def _check_row_dir(rowdir: str, meta: dict, normalize) -> None:
         a, b = normalize(old), normalize(meta)
         if a != b:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            derived = [q for q in Path(rowdir).rglob("*") if q.is_file() and q.name != "row.json"]
-            if derived:
+            if any(q.is_file() and q.name != "row.json" for q in Path(rowdir).rglob("*")):
                 raise ValueError(f"{rowdir} was generated with other settings ({diff}); use"
                                  " another --workdir or remove the directory")
             # Nothing was computed under the old settings (e.g. the row failed while its
