@@ -141,15 +141,12 @@ class MethodBuilder:
                     bits="float" if bits is None else f"W{bits[0]}A{bits[1]}", dec=bool(dec),
                     dtype=self.dtype)
         if kind == "nonuniform":
-            meta.update(center=self._center(num_steps), pow=float(c.nonuniform_pow))
+            meta.update(center=nonuniform_center(c, num_steps), pow=float(c.nonuniform_pow))
         if kind == "dps" or dec:
             meta.update(calib_samples=int(c.num_samples), calib_seed=int(c.seed))
         if kind == "dps":
             meta.update(dps_samples=int(c.dps_samples))
         return meta
-
-    def _center(self, num_steps: int) -> int:
-        return nonuniform_center(self.calib, num_steps)
 
     def cache_artifacts(self, num_steps: int, interval: int, kind: str, dec: bool):
         """(full-step mask, CacheDEC or None), computed once and stored."""
@@ -174,7 +171,7 @@ class MethodBuilder:
         full = cache_lib.make_schedule(
             kind, num_steps, interval,
             features=None if features is None else features[:, : self.calib.dps_samples],
-            center=self._center(num_steps), pow=float(self.calib.nonuniform_pow))
+            center=nonuniform_center(self.calib, num_steps), pow=float(self.calib.nonuniform_pow))
         d = cache_lib.fit_cache_dec(features, None, full) if dec else None
         calib_lib.save_cache_artifacts(path, full, d, meta)
         return full, d
