@@ -91,6 +91,9 @@ def table_config(source: str, *, model_name: str, spacing: str = "quad",
     c.trajectory_samples = 16  # paired float trajectories for the error-growth plot
     c.reference_row = "FP"  # the full-precision row: L2 distances and error growth
     c.bootstrap = 0  # paired-bootstrap replicates for the gains' 95% intervals (0: off)
+    # FID∞ (metrics.fid_infinity): the number of nested subsets, N/4 to N samples, of its
+    # line in 1/N (0: off; needs num_samples > 4 x 2048 Inception features).
+    c.fid_infinity = 0
     c.only = placeholder(str)  # comma-separated row names: run a subset
     # Seconds after which no row without cached metrics is started or evaluated (rows
     # evaluated earlier are read from their small files); the table then lists the rows

@@ -107,6 +107,50 @@ def test_resampled_frechet_equals_recomputed_statistics(n):
         metrics.ResampledFrechet(feats[:, :3], ref)
 
 
+def test_fid_infinity_removes_the_finite_sample_bias():
+    """Gaussian oracle: features drawn from N(mu, S) against exact reference statistics,
+    whose Fréchet distance is known in closed form. FID of n samples is biased upwards
+    (~k/n); the 1/N extrapolation is not."""
+    d, n = 32, 4000
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    b = a + 0.3 * rng.normal(size=(d, d)) / np.sqrt(d)
+    s_ref, s1 = a @ a.T + 0.5 * np.eye(d), b @ b.T + 0.5 * np.eye(d)
+    mu1 = 0.2 * rng.normal(size=d)
+    ref = metrics.FeatureStats(None, np.zeros(d), s_ref)  # exact: no estimation error
+    truth = metrics.frechet_distance(mu1, s1, np.zeros(d), s_ref)
+    finite, extrapolated = [], []
+    for seed in range(20):
+        x = np.random.default_rng(100 + seed).normal(size=(n, d)) @ np.linalg.cholesky(s1).T + mu1
+        finite.append(metrics.FeatureStats.from_features(x).frechet_distance(ref, method="eigh"))
+        fit = metrics.fid_infinity(x, ref, seed=seed)
+        assert fit.sizes[0] == n // 4 and fit.sizes[-1] == n and len(fit.sizes) == 15
+        # The last subset is the whole set: its FID is the plain one.
+        assert fit.fids[-1] == pytest.approx(finite[-1], rel=1e-9)
+        assert fit.at(n) == pytest.approx(fit.fid + fit.slope / n)
+        extrapolated.append(fit.fid)
+    bias, bias_inf = np.mean(finite) - truth, np.mean(extrapolated) - truth
+    assert bias > 0.05  # ~0.09: the finite-sample bias (standard error ~0.015)
+    assert abs(bias_inf) < 0.04 and abs(bias_inf) < bias / 2
+
+
+def test_fid_infinity_input_errors():
+    ref = metrics.FeatureStats(None, np.zeros(8), np.eye(8))
+    x = np.random.default_rng(0).normal(size=(40, 8))
+    with pytest.raises(ValueError, match="needs n > 32"):  # default n/4..n: 8 is not > dim 8
+        metrics.fid_infinity(x[:32], ref)
+    with pytest.raises(ValueError, match=r"must lie in \(8, 40\]"):
+        metrics.fid_infinity(x, ref, sizes=[8, 20, 40])
+    with pytest.raises(ValueError, match=r"must lie in"):
+        metrics.fid_infinity(x, ref, sizes=[10, 20, 41])
+    with pytest.raises(ValueError, match="3 distinct"):
+        metrics.fid_infinity(x, ref, sizes=[20, 20, 40])
+    with pytest.raises(ValueError, match="num_points"):
+        metrics.fid_infinity(x, ref, num_points=2)
+    fit = metrics.fid_infinity(x, ref, sizes=[12, 20, 40], seed=1)
+    assert fit.sizes == (12, 20, 40) and len(fit.fids) == 3
+
+
 def test_frechet_distance_shape_errors():
     with pytest.raises(ValueError, match="different lengths"):
         metrics.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))

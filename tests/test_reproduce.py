@@ -210,6 +210,64 @@ def test_time_budget_leaves_out_unfinished_rows(tiny_run, tmp_path):
         reproduce.run(c, str(work))
 
 
+def test_fid_infinity_columns(tiny_run, tmp_path, monkeypatch):
+    """``config.fid_infinity``: refused before anything is written where the table has
+    too few samples for the fit; otherwise each row's fit (here a stand-in: the fit itself
+    is tested in test_metrics) is cached in ``fid_inf.json``, FID∞ and gain∞ join the
+    table, the CSV and the result, a plot shows the fits, and a copy of the small files
+    assembles the same columns without features."""
+    import shutil
+
+    work, results = tiny_run
+    c = _config()
+    c.fid_infinity = 15
+    with pytest.raises(ValueError, match="needs num_samples > 8192"):
+        reproduce.run(c, str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    c.fid_infinity = 2
+    with pytest.raises(ValueError, match=">= 3 subset sizes"):
+        reproduce.run(c, str(tmp_path / "refused"))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    c.fid_infinity = 15
+    monkeypatch.setattr(reproduce, "_fid_infinity_points", lambda config: 15)
+    seen = []
+
+    def fit(pool, refstats, points):
+        seen.append(points)
+        f = float(np.abs(pool).mean())
+        return dict(fid=f, slope=10.0, sizes=[2, 3, 4], fids=[f + 5, f + 10 / 3, f + 2.5])
+
+    monkeypatch.setattr(reproduce, "_fid_infinity", fit)
+    got = {r["row"]: r for r in reproduce.run(c, str(copy))}
+    assert seen == [15, 15, 15]
+    base, row = got["CacheQuant W8A8 N=2"], got["CacheQuant W8A8 N=2 + IEC"]
+    assert row["gain_inf"] == pytest.approx((base["fid_inf"] - row["fid_inf"]) / base["fid_inf"])
+    assert base["gain_inf"] is None and got["FP"]["fid_inf"] > 0
+    assert [got[r["row"]]["fid"] for r in results] == [r["fid"] for r in results]
+    md = (copy / "tiny.md").read_text()
+    assert "| FID∞ | gain∞ |" in md and f"{100 * row['gain_inf']:+.1f}%" in md
+    assert "FID∞: FID extrapolated" in md
+    header = (copy / "tiny.csv").read_text().splitlines()[0]
+    assert header.endswith("paper gain,FID∞,gain∞,gain 95% interval")
+    assert (copy / "tiny_fid_infinity.png").stat().st_size > 0
+    cached = json.loads((copy / "rows" / "FP" / "fid_inf.json").read_text())
+    assert cached["value"]["fid"] == got["FP"]["fid_inf"] and cached["key"]["points"] == 15
+
+    snap = tmp_path / "snap"  # the small files alone: the cached fits, no features
+    for p in copy.rglob("*.json"):
+        (snap / p.relative_to(copy)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, snap / p.relative_to(copy))
+    c.time_budget_s = 0.0
+    again = {r["row"]: r for r in reproduce.run(c, str(snap))}
+    assert seen == [15, 15, 15]  # nothing refitted
+    assert {k: r["gain_inf"] for k, r in again.items()} == {k: r["gain_inf"] for k, r in got.items()}
+    c.fid_infinity = 0  # off: the table keeps its plain columns
+    reproduce.run(c, str(snap))
+    assert "FID∞" not in (snap / "tiny.md").read_text()
+
+
 def test_assembles_from_small_files_alone(tiny_run, tmp_path):
     """A copy of the rows' small files (what a time-limited GPU machine sends back: no
     samples, features or trajectories) assembles into the same table, L2 and error-growth

@@ -8,7 +8,8 @@ step). FID against the 10,000-image test split (samples centre-cropped 32 → 28
 
 Variants (``:arg``): none = 10,000 samples per row (the CPU size of the issue);
 ``gpu`` = 50,000 samples in batches of 500; ``gpu10k`` = 10,000 samples in batches of
-1,000 (what one 15-minute GPU lease affords: ``experiments/gpu_tables.py``); ``quick`` = 500 samples per row, 128
+1,000 (what one 15-minute GPU lease affords: ``experiments/gpu_tables.py``); these three
+report FID∞ (15 nested subsets of N/4 to N samples) beside FID; ``quick`` = 500 samples per row, 128
 calibration samples with 16 / 8 per full / cached step (the activation search costs
 ~0.5 s per sample and step on a 2-core CPU); ``smoke`` = a few samples, 10 steps (tests).
 """
@@ -22,6 +23,7 @@ def table_config(table: str, arg=None):
     c.name = f"fmnist-ddpm {table}"
     c.table = table
     c.rows = tables.TABLES[table]()
+    c.fid_infinity = 15  # FID∞ beside FID where num_samples > 4 x 2048 (not quick, smoke)
     if arg in (None, ""):
         pass
     elif arg == "gpu":
@@ -35,6 +37,7 @@ def table_config(table: str, arg=None):
         # CPU-sized calibration (official: 512 samples, 64 / 32 per full / cached step).
         c.calibration.update(dict(num_samples=128, per_step_full=16, per_step_cached=8))
         c.bootstrap = 50
+        c.fid_infinity = 0  # 500 samples: below the 2048 features FID is not linear in 1/N
     elif arg == "smoke":
         smoke(c)
     else:
@@ -46,6 +49,7 @@ def smoke(c) -> None:
     """A few samples and 10 steps (tests): shrinks a table config in place, keeping the
     rows' proportions (step counts, cache intervals) on 10 steps."""
     c.num_samples, c.batch_size, c.shard_size = 8, 4, 8
+    c.fid_infinity = 0
     c.trajectory_samples = 2
     c.sampler.num_steps = 10
     c.calibration.update(dict(num_samples=8, batch_size=4, per_step_full=4,

@@ -30,8 +30,8 @@ from iec_jax.metrics.features import (
     load_image_batch,
     save_image_batch,
 )
-from iec_jax.metrics.fid import (FeatureStats, ResampledFrechet, frechet_distance, load_statistics,
-                                 save_statistics)
+from iec_jax.metrics.fid import (FeatureStats, FIDInfinity, ResampledFrechet, fid_infinity,
+                                 frechet_distance, load_statistics, save_statistics)
 from iec_jax.metrics.inception import (
     InceptionV3,
     convert_torchscript,
@@ -60,7 +60,9 @@ __all__ = [
     "default_params",
     "default_torchscript_path",
     "evaluate",
+    "fid_infinity",
     "frechet_distance",
+    "FIDInfinity",
     "ResampledFrechet",
     "inception_cache_dir",
     "inception_score",

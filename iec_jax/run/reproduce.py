@@ -21,6 +21,9 @@ controls). For every row the job writes, under ``<workdir>/rows/<row>/``:
   are cached is assembled from these small files alone (with ``progress.json`` and
   ``row.json``): samples and features are not read, so a table can be assembled from a
   copy of them brought back from another machine;
+* ``fid_inf.json`` — with ``config.fid_infinity`` set: FID extrapolated to infinitely
+  many samples (:func:`iec_jax.metrics.fid_infinity`) and the subset FIDs it was fitted
+  to;
 
 and, for the whole table (``config.table``, e.g. ``table1``), ``table1.md``,
 ``table1.csv``, ``table1_result.json`` and the plots ``table1_error_growth.png``
@@ -37,7 +40,9 @@ cost analysis of the lowered HLO of one float full / partial pass (fake quantiza
 simulated in float, so its FLOPs are not those of an integer kernel); sampling seconds per 1,000 samples on
 the machine that ran the row (steady state: an invocation's first batch, which
 compiles, is left out when the shard has more); the relative FID gain over the row's ``baseline`` next to
-the paper's.
+the paper's. With ``config.fid_infinity``: ``FID∞`` and the gain computed with it
+(``gain∞``), free of FID's finite-sample bias, which is shared by the rows and so dilutes
+their relative gains.
 """
 
 from __future__ import annotations
@@ -514,6 +519,29 @@ def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: di
     return float(lo), float(hi)
 
 
+def _fid_infinity_points(config) -> int:
+    """``config.fid_infinity`` (0: off), checked before anything is sampled."""
+    from iec_jax.metrics.inception import POOL_DIM
+
+    n = int(config.get("fid_infinity") or 0)
+    if n and n < 3:
+        raise ValueError(f"fid_infinity must be 0 (off) or >= 3 subset sizes, got {n}")
+    if n and int(config.num_samples) // 4 <= POOL_DIM:
+        raise ValueError(
+            f"fid_infinity fits subsets of N/4 to N samples, which must exceed the {POOL_DIM}"
+            f" Inception features (below that FID is not linear in 1/N): needs num_samples >"
+            f" {4 * POOL_DIM}, got {config.num_samples}")
+    return n
+
+
+def _fid_infinity(pool: np.ndarray, refstats: dict, points: int) -> dict:
+    from iec_jax import metrics
+
+    fit = metrics.fid_infinity(pool, metrics.FeatureStats.from_arrays(refstats),
+                               num_points=points)
+    return dataclasses.asdict(fit)
+
+
 def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
     a = _float_shards(os.path.join(rowdir, "samples"), config)
     b = _float_shards(os.path.join(refdir, "samples"), config)
@@ -554,17 +582,23 @@ COLUMNS = ("row", "FID", "sFID", "precision", "recall", "L2 to FP", "NFE", "NFE 
            "paper gain")
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:+.1f}%"
+
+
 def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> None:
+    inf = bool(config.get("fid_infinity"))
+    columns = COLUMNS + (("FID∞", "gain∞") if inf else ())
     lines = [f"# {config.name}", "",
              f"{config.num_samples} samples per row, DDIM-{config.sampler.num_steps}"
              f" ({config.sampler.spacing}), η = {config.sampler.eta}, seed {config.seed};"
              f" reference {config.eval.dataset}/{config.eval.split}; sampled on "
              + (", ".join(sorted({r.get("device") or "an unrecorded machine" for r in results}))
                 or "–") + ".", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(COLUMNS + ("gain 95% interval",))
+    w.writerow(columns + ("gain 95% interval",))
     for r in results:
         cells = [r["row"], _fmt(r["fid"]), _fmt(r["sfid"]), _fmt(r["precision"], 3),
                  _fmt(r["recall"], 3), _fmt(r["l2_to_fp"], 3), _fmt(r["nfe"], 1),
@@ -575,16 +609,23 @@ def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> No
                      f" [{100 * r['gain_ci95'][0]:+.1f}, {100 * r['gain_ci95'][1]:+.1f}]"),
                  r["paper_fid"] or "–",
                  f"{100 * r['paper_gain']:+.0f}%" if r["paper_gain"] else "–"]
+        if inf:
+            cells += [_fmt(r.get("fid_inf")), _pct(r.get("gain_inf"))]
         lines.append("| " + " | ".join(cells) + " |")
         w.writerow([r["row"]] + [r[k] for k in ("fid", "sfid", "precision", "recall",
                     "l2_to_fp", "nfe", "nfe_full", "nfe_partial", "gflops", "seconds_per_1k",
-                    "gain", "paper_fid", "paper_gain")] + [r.get("gain_ci95")])
+                    "gain", "paper_fid", "paper_gain")]
+                   + ([r.get("fid_inf"), r.get("gain_inf")] if inf else []) + [r.get("gain_ci95")])
     lines += ["", "gain = (FID_baseline − FID_row) / FID_baseline; paper gain = the same for"
               " the paper's CIFAR-10 cells" + (
                   f"; [a, b] = 95% paired-bootstrap interval ({config.bootstrap} replicates) of"
                   " FID_baseline − FID_row, divided by FID_baseline"
                   if config.bootstrap else "") +
-              ". L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples."]
+              ". L2 to FP: mean ‖x_0 − x_0^FP‖₂ over paired samples." + (
+                  f" FID∞: FID extrapolated to infinitely many samples by a line in 1/N"
+                  f" through the FIDs of {config.fid_infinity} nested random subsets of"
+                  " N/4 to N samples (Chong & Forsyth, CVPR 2020), the reference statistics"
+                  " fixed; gain∞: the gain computed with it." if inf else "")]
     if left_out:
         lines += ["", f"Not evaluated when the time budget of {config.time_budget_s:.0f} s"
                   f" was spent: {', '.join(left_out)}."]
@@ -594,7 +635,8 @@ def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> No
                dict(name=config.name, rows=results, left_out=list(left_out)))
 
 
-def _plots(workdir: str, config, results: list[dict], curves: dict[str, list]):
+def _plots(workdir: str, config, results: list[dict], curves: dict[str, list],
+           fits: Optional[dict[str, dict]] = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -633,6 +675,27 @@ def _plots(workdir: str, config, results: list[dict], curves: dict[str, list]):
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
+    shown = [r["row"] for r in results if r["row"] in (fits or {})]
+    if shown:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in shown:
+            f = fits[name]
+            inv = 1.0 / np.asarray(f["sizes"], np.float64)
+            line = ax.plot(inv, f["fids"], "o" if "IEC" not in name else "^", ms=3,
+                           label=f"{name} (FID∞ {f['fid']:.2f})")[0]
+            grid = np.linspace(0.0, inv.max(), 50)
+            ax.plot(grid, f["fid"] + f["slope"] * grid, color=line.get_color(), lw=0.8,
+                    ls="--" if "IEC" in name else "-")
+        ax.set_xlim(left=0.0)
+        ax.set_xlabel("1 / N (nested random subsets of the row's samples)")
+        ax.set_ylabel("FID")
+        ax.set_title(f"{config.name}: FID against 1/N, extrapolated to N = ∞", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        with atomic_path(os.path.join(workdir, f"{config.table}_fid_infinity.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+
 
 def run(config, workdir: str) -> list[dict]:
     """Run (or resume) every selected row, then write the table and the plots."""
@@ -644,6 +707,7 @@ def run(config, workdir: str) -> list[dict]:
         raise ValueError(f"reference_row {config.reference_row!r} is not a row of this table")
     if ref.quant or ref.cache_interval or ref.iec != "none" or ref.num_steps:
         raise ValueError(f"reference_row {ref.name!r} must be the plain full-precision row")
+    n_inf = _fid_infinity_points(config)
     os.makedirs(workdir, exist_ok=True)
     if not re.match(r"^[A-Za-z0-9_-]+$", config.table):
         raise ValueError(f"config.table must be a plain file stem, got {config.table!r}")
@@ -666,6 +730,7 @@ def run(config, workdir: str) -> list[dict]:
     out: dict[str, dict] = {}
     pools: dict[str, np.ndarray] = {}
     curves: dict[str, list] = {}
+    fits: dict[str, dict] = {}
     left_out: list[str] = []
     metrics_key = dict(eval=config.eval.to_dict(), reference_num=int(refstats["num"]),
                        num_samples=int(config.num_samples))
@@ -684,7 +749,8 @@ def run(config, workdir: str) -> list[dict]:
         if m is not None:  # evaluated earlier (maybe elsewhere): its small files suffice
             print(f"[{i + 1}/{len(order)}] {row.name}: evaluated", flush=True)
             _check_row_dir(rowdir, table.row_meta(row), table.normalize)
-            feats = _complete_features(rowdir, config) if config.bootstrap else None
+            feats = (_complete_features(rowdir, config) if config.bootstrap or n_inf
+                     else None)
             p = _Progress(os.path.join(rowdir, "progress.json"))
         elif not in_budget:
             print(f"[{i + 1}/{len(order)}] {row.name}: not evaluated (time budget"
@@ -706,6 +772,15 @@ def run(config, workdir: str) -> list[dict]:
                      lambda: _l2_to(rowdir, refdir, config), table.normalize)
         curve = _cached(os.path.join(rowdir, "error_growth.json"), ref_key,
                         lambda: _error_growth(rowdir, refdir), table.normalize)
+        fit = None
+        if n_inf:
+            t0 = time.time()
+            fit = _cached(os.path.join(rowdir, "fid_inf.json"), dict(metrics_key, points=n_inf),
+                          lambda: None if feats is None else _fid_infinity(feats["pool"],
+                                                                           refstats, n_inf))
+            if fit is not None:
+                fits[row.name] = fit
+                _say(f"{row.name}: FID∞ {fit['fid']:.2f}", t0)
         if curve is not None:
             curves[row.name] = curve
         nfe_full, nfe_partial = p.per_sample("nfe_full"), p.per_sample("nfe_partial")
@@ -715,6 +790,7 @@ def run(config, workdir: str) -> list[dict]:
         out[row.name] = dict(
             row=row.name, fid=m["fid"], sfid=m["sfid"], precision=m["precision"],
             recall=m["recall"],
+            fid_inf=None if fit is None else fit["fid"], gain_inf=None,
             l2_to_fp=l2,
             nfe=p.per_sample("nfe"), nfe_full=nfe_full, nfe_partial=nfe_partial,
             corrections=p.per_sample("corrections"), gflops=gflops,
@@ -730,13 +806,15 @@ def run(config, workdir: str) -> list[dict]:
         r["gain_ci95"] = None
         if b is not None:
             r["gain"] = (b["fid"] - r["fid"]) / b["fid"]
+            if r["fid_inf"] is not None and b["fid_inf"] is not None:
+                r["gain_inf"] = (b["fid_inf"] - r["fid_inf"]) / b["fid_inf"]
             if (config.bootstrap and r["row"] in pools and b["row"] in pools
                     and pools[r["row"]].shape == pools[b["row"]].shape):
                 r["gain_ci95"] = paired_bootstrap_gain(
                     pools[b["row"]], pools[r["row"]], refstats, replicates=config.bootstrap)
     results = [out[r.name] for r in rows if r.name in out]
     _write_outputs(workdir, config, results, left_out)
-    _plots(workdir, config, results, curves)
+    _plots(workdir, config, results, curves, fits)
     md = os.path.join(workdir, f"{config.table}.md")
     print(f"table: {md} ({time.time() - start:.0f} s)")
     print(Path(md).read_text())
