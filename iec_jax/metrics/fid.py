@@ -314,10 +314,11 @@ def fid_infinity(features, reference: "FeatureStats", *, sizes=None, num_points:
     Unbiased FID and Inception Score and where to find them", CVPR 2020): the Fréchet
     distances to ``reference`` of nested random subsets of ``features`` (one permutation
     from ``seed``, prefixes of the given ``sizes``), a least-squares line in 1/N, and
-    its value at 1/N = 0.
+    its value at 1/N = 0. The permutation depends on ``seed`` and n alone, so feature sets
+    whose i-th rows belong together (samples from the same x_T) get paired subsets.
 
-    ``sizes`` defaults to ``num_points`` sizes evenly spaced from n/4 to n (the paper
-    uses 5,000 to 50,000). Every size must exceed the feature dimension: below it the
+    ``sizes`` defaults to ``num_points`` sizes evenly spaced from n/4 to n (Chong &
+    Forsyth use 5,000 to 50,000). Every size must exceed the feature dimension: below it the
     sample covariance is singular and FID is not linear in 1/N (on 500 Fashion-MNIST
     samples, fits over 100–500 and 250–500 disagree by ~9 FID). The reference statistics
     are held fixed, so their own finite-sample bias remains. The distances are the
@@ -325,7 +326,8 @@ def fid_infinity(features, reference: "FeatureStats", *, sizes=None, num_points:
     """
     x = _as_features(features)
     n, dim = x.shape
-    if sizes is None:
+    default = sizes is None
+    if default:
         if int(num_points) < 3:
             raise ValueError(f"need num_points >= 3 for a fit with a residual, got {num_points}")
         sizes = np.linspace(n // 4, n, int(num_points))
@@ -336,7 +338,7 @@ def fid_infinity(features, reference: "FeatureStats", *, sizes=None, num_points:
         raise ValueError(
             f"subset sizes must lie in ({dim}, {n}] (more samples than the feature dimension,"
             f" at most the {n} given), got {sizes[0]}..{sizes[-1]}"
-            + (f"; the default n/4..n needs n > {4 * dim}" if n // 4 <= dim else ""))
+            + (f"; the default n/4..n needs n > {4 * dim}" if default else ""))
     perm = np.random.default_rng(seed).permutation(n)
     frechet = ResampledFrechet(x, reference)
     fids = np.array([frechet(perm[:m]) for m in sizes])
