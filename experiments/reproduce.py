@@ -4,7 +4,8 @@
   python -m experiments.reproduce --config configs/fmnist/table2.py:quick --workdir runs/t2q
 
 Writes table.md, table.csv, result.json, error_growth.png and fid_vs_nfe.png to the
-workdir (see iec_jax/run/reproduce.py for the per-row files).
+workdir, and fid_infinity.png where config.fid_infinity is on (see
+iec_jax/run/reproduce.py for the per-row files).
 """
 
 from iec_jax.io import use_all_cpu_cores
