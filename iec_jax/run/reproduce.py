@@ -766,7 +766,7 @@ def run(config, workdir: str) -> list[dict]:
                                                 frechet_method=config.eval.frechet_method))
             _say(f"{row.name}: metrics", t0)
             feats, p = res["features"], res["progress"]
-        if feats is not None:
+        if feats is not None and config.bootstrap:  # kept for the paired bootstrap only
             pools[row.name] = feats["pool"]
         l2 = _cached(os.path.join(rowdir, "l2.json"), ref_key,
                      lambda: _l2_to(rowdir, refdir, config), table.normalize)
