@@ -542,6 +542,15 @@ def _fid_infinity(pool: np.ndarray, refstats: dict, points: int) -> dict:
     return dataclasses.asdict(fit)
 
 
+def _row_fid_infinity(rowdir: str, feats: Optional[dict], config, refstats: dict,
+                      points: int) -> Optional[dict]:
+    """The row's FID∞ fit; its features are read only here, when no fit is cached (None
+    without them: a row assembled from small files)."""
+    if feats is None:
+        feats = _complete_features(rowdir, config)
+    return None if feats is None else _fid_infinity(feats["pool"], refstats, points)
+
+
 def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
     a = _float_shards(os.path.join(rowdir, "samples"), config)
     b = _float_shards(os.path.join(refdir, "samples"), config)
@@ -749,8 +758,7 @@ def run(config, workdir: str) -> list[dict]:
         if m is not None:  # evaluated earlier (maybe elsewhere): its small files suffice
             print(f"[{i + 1}/{len(order)}] {row.name}: evaluated", flush=True)
             _check_row_dir(rowdir, table.row_meta(row), table.normalize)
-            feats = (_complete_features(rowdir, config) if config.bootstrap or n_inf
-                     else None)
+            feats = _complete_features(rowdir, config) if config.bootstrap else None
             p = _Progress(os.path.join(rowdir, "progress.json"))
         elif not in_budget:
             print(f"[{i + 1}/{len(order)}] {row.name}: not evaluated (time budget"
@@ -776,8 +784,7 @@ def run(config, workdir: str) -> list[dict]:
         if n_inf:
             t0 = time.time()
             fit = _cached(os.path.join(rowdir, "fid_inf.json"), dict(metrics_key, points=n_inf),
-                          lambda: None if feats is None else _fid_infinity(feats["pool"],
-                                                                           refstats, n_inf))
+                          lambda: _row_fid_infinity(rowdir, feats, config, refstats, n_inf))
             if fit is not None:
                 fits[row.name] = fit
                 _say(f"{row.name}: FID∞ {fit['fid']:.2f}", t0)
