@@ -223,3 +223,27 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
         stored = json.loads((work / "rows" / slug / "row.json").read_text())
         norm = lambda d, f=fakes[slug]: reproduce.Table.normalize(f, d)  # noqa: E731
         assert norm(stored) == norm(defs[slug]), slug
+
+
+def test_bench_batch_times_the_unet_and_refuses_bad_sizes(tmp_path):
+    """experiments.bench_batch (which batch sizes to give a table job on a machine): one
+    UNet setting end to end, its JSON; batch sizes it cannot run are refused."""
+    import json
+
+    import jax
+
+    from experiments import bench_batch
+
+    out = tmp_path / "bench.json"
+    n = jax.device_count()
+    bench_batch.main(["--model", SHARED, "--unet", str(n), "--inception", "", "--out", str(out)])
+    got = json.loads(out.read_text())
+    assert got["devices"] == n and got["inception_ms_per_image"] == {}
+    assert float(got["unet_ms_per_sample"][str(n)]) > 0
+    if n > 1:
+        with pytest.raises(ValueError, match="not divisible"):
+            bench_batch.unet_ms_per_sample(SHARED, [n + 1], 1)
+    with pytest.raises(SystemExit):
+        bench_batch.main(["--unet", "0"])
+    with pytest.raises(SystemExit):
+        bench_batch.main(["--inception", "64", "--images", "8"])

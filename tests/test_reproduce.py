@@ -40,6 +40,22 @@ def _config():
     return c
 
 
+def _budget0():
+    c = _config()
+    c.time_budget_s = 0.0
+    return c
+
+
+def _json_copy(work, dest):
+    """A copy of a run's small files (what a device snapshot holds: no samples or
+    features)."""
+    import shutil
+
+    for p in work.rglob("*.json"):
+        (dest / p.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dest / p.relative_to(work))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("reproduce")
@@ -257,9 +273,7 @@ def test_fid_infinity_columns(tiny_run, tmp_path, monkeypatch):
     assert cached["value"]["fid"] == got["FP"]["fid_inf"] and cached["key"]["points"] == 15
 
     snap = tmp_path / "snap"  # the small files alone: the cached fits, no features
-    for p in copy.rglob("*.json"):
-        (snap / p.relative_to(copy)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, snap / p.relative_to(copy))
+    _json_copy(copy, snap)
     c.time_budget_s = 0.0
     again = {r["row"]: r for r in reproduce.run(c, str(snap))}
     assert seen == [15, 15, 15]  # nothing refitted
@@ -278,12 +292,9 @@ def test_assembles_from_small_files_alone(tiny_run, tmp_path):
 
     work, results = tiny_run
     snap = tmp_path / "snap"
-    for p in work.rglob("*.json"):
-        (snap / p.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, snap / p.relative_to(work))
+    _json_copy(work, snap)
     assert not list(snap.rglob("*.npz"))
-    c = _config()
-    c.time_budget_s = 0.0
+    c = _budget0()
     got = reproduce.run(c, str(snap))
     for key in ("row", "fid", "sfid", "precision", "recall", "l2_to_fp", "nfe", "nfe_full",
                 "gflops", "gain", "device"):
@@ -324,16 +335,11 @@ def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
     same checkpoint at another path (and a changed paper cell, a label) reuses the rows;
     a row.json from before fingerprints (model by path) is accepted when that path holds
     today's model, and refused when it cannot be checked."""
-    import shutil
-
     work, results = tiny_run
     snap = tmp_path / "snap"
-    for p in work.rglob("*.json"):
-        (snap / p.relative_to(work)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(p, snap / p.relative_to(work))
+    _json_copy(work, snap)
     (tmp_path / "elsewhere").symlink_to(SHARED, target_is_directory=True)
-    c = _config()
-    c.time_budget_s = 0.0
+    c = _budget0()
     c.model.source = str(tmp_path / "elsewhere")
     c.rows[2]["paper_gain"] = 0.5
     got = reproduce.run(c, str(snap))
@@ -360,6 +366,52 @@ def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
     row_json.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="other settings"):
         reproduce.run(c, str(snap))
+
+
+def test_metrics_do_not_depend_on_the_inception_batch_size(tiny_run, tmp_path):
+    """The Inception batch size is how features are batched (the CPU runs 1.6x faster at
+    64 than at a GPU's 500), not what they are: cached metrics and FID fits stay valid
+    when it changes, including those whose key was written with it (earlier versions)."""
+    work, results = tiny_run
+    snap = tmp_path / "snap"
+    _json_copy(work, snap)
+    c = _budget0()  # nothing may be recomputed: a key mismatch leaves rows out
+    c.eval.inception_batch_size = 2
+    got = reproduce.run(c, str(snap))
+    assert [r["fid"] for r in got] == [r["fid"] for r in results]
+    for p in (snap / "rows").glob("*/metrics.json"):  # a key as earlier versions wrote it
+        d = json.loads(p.read_text())
+        assert "inception_batch_size" not in d["key"]["eval"]
+        d["key"]["eval"]["inception_batch_size"] = 500
+        p.write_text(json.dumps(d))
+    got = reproduce.run(c, str(snap))
+    assert [r["fid"] for r in got] == [r["fid"] for r in results]
+    c.eval.frechet_method = "sqrtm"  # how the metrics are computed does count
+    assert reproduce.run(c, str(snap)) == []
+
+
+def test_iec_rows_are_keyed_by_batch_size(tiny_run, tmp_path):
+    """IEC's batch-global stop test makes an IEC row's samples depend on the batch size:
+    its row.json records it, and a resume with another batch size is refused rather than
+    mixing shards; rows without IEC do not record it. A row.json from before (none
+    recorded) is taken to be today's batch size, as it was accepted then, and rewritten."""
+    work, results = tiny_run
+    iec_json = work / "rows" / "CacheQuant_W8A8_N_2_plus_IEC" / "row.json"
+    assert json.loads(iec_json.read_text())["batch_size"] == 2
+    assert "batch_size" not in json.loads((work / "rows" / "FP" / "row.json").read_text())
+    snap = tmp_path / "snap"
+    _json_copy(work, snap)
+    c = _budget0()
+    c.batch_size = 4
+    with pytest.raises(ValueError, match=r"other settings \(\['batch_size'\]\)"):
+        reproduce.run(c, str(snap))
+    snap_json = snap / "rows" / "CacheQuant_W8A8_N_2_plus_IEC" / "row.json"
+    legacy = json.loads(snap_json.read_text())
+    del legacy["batch_size"]
+    snap_json.write_text(json.dumps(legacy))
+    got = reproduce.run(_budget0(), str(snap))
+    assert [r["fid"] for r in got] == [r["fid"] for r in results]
+    assert json.loads(snap_json.read_text())["batch_size"] == 2
 
 
 def test_model_fingerprint_is_content(tmp_path):

@@ -152,6 +152,15 @@ class RowSpec:
         return iec_jax.IECConfig.preset(self.iec, **over)
 
 
+def _batch_dependent(row: RowSpec) -> bool:
+    """Whether the row's samples depend on the batch size: IEC's batch-global stop test
+    (``convergence="batch"``, every preset's, as in the official code) takes one decision
+    per batch (``iec_jax.pipeline``). Such rows record their batch size in row.json, so a
+    resumed run with another ``batch_size`` is refused instead of mixing shards."""
+    iec = row.iec_config()
+    return iec is not None and iec.convergence == "batch" and iec.tolerance > 0
+
+
 def _select_rows(config) -> list[RowSpec]:
     rows = [RowSpec.from_dict(r) for r in config.rows]
     if not rows:
@@ -258,6 +267,8 @@ class Table:
                     num_steps=self.num_steps(row), seed=int(c.seed),
                     cache_point=list(c.cache_point),
                     num_samples=int(c.num_samples), shard_size=int(c.shard_size))
+        if _batch_dependent(row):
+            meta["batch_size"] = int(c.batch_size)
         cal = c.calibration
         if row.quant:
             meta["calibration"] = cal.to_dict()
@@ -286,6 +297,11 @@ class Table:
             d = {k: walk(v) for k, v in d.items()}
             if isinstance(d.get("row"), dict):
                 d["row"] = {k: v for k, v in d["row"].items() if k not in ROW_LABELS}
+                if ("sampler" in d and "batch_size" not in d
+                        and d["row"].get("iec", "none") != "none"):
+                    # Written before IEC rows recorded their batch size: taken to be
+                    # today's (accepted as before; rewritten with it).
+                    d["batch_size"] = int(self.config.batch_size)
             m = d.get("model")
             if isinstance(m, dict) and "source" in m and "fingerprint" not in m:
                 if self._legacy_model_matches(m):
@@ -353,6 +369,25 @@ def _read_cached(path: str, key: dict, normalize=None):
         if "key" in d and norm(d["key"]) == norm(key):
             return d["value"]
     return None
+
+
+def _metrics_key(config, reference_num: int) -> dict:
+    """What a row's metrics (and FID∞) depend on besides its samples: the evaluation
+    settings, less the Inception batch size (how the features are batched, not what they
+    are: the CPU and a GPU each run faster at their own), and the reference set's size."""
+    ev = {k: v for k, v in config.eval.to_dict().items() if k != "inception_batch_size"}
+    return dict(eval=ev, reference_num=int(reference_num), num_samples=int(config.num_samples))
+
+
+def _metrics_normalize(key: dict) -> dict:
+    """A stored metrics key in :func:`_metrics_key`'s form (those written by earlier
+    versions held the Inception batch size)."""
+    import json
+
+    key = json.loads(json.dumps(key))
+    if isinstance(key.get("eval"), dict):
+        key["eval"].pop("inception_batch_size", None)
+    return key
 
 
 def _cached(path: str, key: dict, compute, normalize=None):
@@ -741,14 +776,13 @@ def run(config, workdir: str) -> list[dict]:
     curves: dict[str, list] = {}
     fits: dict[str, dict] = {}
     left_out: list[str] = []
-    metrics_key = dict(eval=config.eval.to_dict(), reference_num=int(refstats["num"]),
-                       num_samples=int(config.num_samples))
+    metrics_key = _metrics_key(config, int(refstats["num"]))
     refdir = os.path.join(workdir, "rows", ref.slug)
     ref_key = dict(reference=table.row_meta(ref))  # what the distances to FP depend on
     for i, row in enumerate(order):
         rowdir = os.path.join(workdir, "rows", row.slug)
         metrics_path = os.path.join(rowdir, "metrics.json")
-        m = _read_cached(metrics_path, metrics_key)
+        m = _read_cached(metrics_path, metrics_key, _metrics_normalize)
         in_budget = budget is None or time.time() - start < budget
         if (m is not None and row.name == ref.name and in_budget
                 and _float_shards(os.path.join(rowdir, "samples"), config).missing()):
@@ -771,7 +805,8 @@ def run(config, workdir: str) -> list[dict]:
             t0 = time.time()
             m = _cached(metrics_path, metrics_key,
                         lambda: compute_metrics(res["features"], refstats,
-                                                frechet_method=config.eval.frechet_method))
+                                                frechet_method=config.eval.frechet_method),
+                        _metrics_normalize)
             _say(f"{row.name}: metrics", t0)
             feats, p = res["features"], res["progress"]
         if feats is not None and config.bootstrap:  # kept for the paired bootstrap only
@@ -784,7 +819,8 @@ def run(config, workdir: str) -> list[dict]:
         if n_inf:
             t0 = time.time()
             fit = _cached(os.path.join(rowdir, "fid_inf.json"), dict(metrics_key, points=n_inf),
-                          lambda: _row_fid_infinity(rowdir, feats, config, refstats, n_inf))
+                          lambda: _row_fid_infinity(rowdir, feats, config, refstats, n_inf),
+                          _metrics_normalize)
             if fit is not None:
                 fits[row.name] = fit
                 _say(f"{row.name}: FID∞ {fit['fid']:.2f}", t0)
