@@ -20,8 +20,6 @@ use_all_cpu_cores()  # before JAX initialises: one host device per core
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -31,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from iec_jax import metrics  # noqa: E402
 from iec_jax.io import enable_compilation_cache, write_json  # noqa: E402
 from iec_jax.pipeline import data_mesh  # noqa: E402
+from iec_jax.run.bench import _median_time  # noqa: E402
 from iec_jax.run.common import load_unet, unet_denoiser  # noqa: E402
 
 
@@ -43,12 +42,7 @@ def _sizes(text: str) -> list[int]:
 
 def _median(fn, repeats: int) -> float:
     fn()  # compile (or read the compilation cache) and warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_time(fn, repeats)
 
 
 def unet_ms_per_sample(source: str, batch_sizes: list[int], repeats: int) -> dict[int, float]:

@@ -369,9 +369,10 @@ def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
 
 
 def test_metrics_do_not_depend_on_the_inception_batch_size(tiny_run, tmp_path):
-    """The Inception batch size is how features are batched (the CPU runs 1.6x faster at
-    64 than at a GPU's 500), not what they are: cached metrics and FID fits stay valid
-    when it changes, including those whose key was written with it (earlier versions)."""
+    """The Inception batch size is how features are batched (on the 2-core CPU 117 ms per
+    image at 64 against 160 at a GPU's 500: experiments.bench_batch), not what they are:
+    cached metrics and FID fits stay valid when it changes, including those whose key
+    was written with it (earlier versions)."""
     work, results = tiny_run
     snap = tmp_path / "snap"
     _json_copy(work, snap)
