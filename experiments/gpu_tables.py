@@ -64,6 +64,8 @@ _ROW_MARGIN = flags.DEFINE_float("row_margin_s", 150.0, "No row is started later
                                  " many seconds before the deadline (run).")
 _SEED = flags.DEFINE_list("seed", [], "run: result directories of earlier runs (tables.tar.gz"
                           " + machine.txt) whose evaluated rows are not computed again.")
+_ROWS = flags.DEFINE_list("rows", [], "snapshot: the evaluated rows to pack, by name"
+                          " (default: all).")
 _ASSEMBLY_S = flags.DEFINE_float("assembly_s", 75.0, "Seconds kept for assembling the tables"
                                  " after the workers are stopped (run).")
 
@@ -223,18 +225,29 @@ def snapshot(workdir: str, out: Path, rows=None) -> Path:
     return archive
 
 
-def snapshot_here(workdir: str, out: Path) -> Path:
+def snapshot_here(workdir: str, out: Path, names=()) -> Path:
     """``snapshot`` of a work directory computed on this machine, plus a ``machine.txt``
     in the form ``collect`` reads (a header line, then the machine's name first). Only
     evaluated rows travel: a row with samples but no metrics would be sampled again from
-    the start by a seeded run, and ``collect`` drops its progress anyway."""
+    the start by a seeded run, and ``collect`` drops its progress anyway. ``names``: the
+    rows to pack, by row name (default: every evaluated row), e.g. to keep a row that
+    ``collect`` should take from another machine out of this snapshot."""
     import platform
 
     import jax
 
+    from iec_jax.run.reproduce import row_slug
+
     rows = sorted(p.parent.name for p in Path(workdir).glob("rows/*/metrics.json"))
     if not rows:
         raise FileNotFoundError(f"{workdir} has no evaluated row (rows/*/metrics.json)")
+    if names:
+        wanted = {row_slug(n): n for n in names}
+        missing = sorted(n for slug, n in wanted.items() if slug not in rows)
+        if missing:
+            raise FileNotFoundError(f"{workdir} has no evaluated row named {missing}"
+                                    f" (evaluated: {rows})")
+        rows = sorted(wanted)
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -425,6 +438,8 @@ def main(argv):
                              " | collect RESULT_DIR... --workdir DIR")
     if len(argv) > 2 and argv[1] != "collect":
         raise app.UsageError(f"{argv[1]} takes flags only, got {argv[2:]}")
+    if _ROWS.value and argv[1] != "snapshot":
+        raise app.UsageError(f"--rows is an option of snapshot, not of {argv[1]}")
     bundle = ROOT / _BUNDLE.value
     if argv[1] == "pack":
         pack(bundle)
@@ -435,7 +450,7 @@ def main(argv):
     elif argv[1] == "snapshot":
         if not _OUT.value:
             raise app.UsageError("snapshot needs --out")
-        print(snapshot_here(_WORKDIR.value, Path(_OUT.value)))
+        print(snapshot_here(_WORKDIR.value, Path(_OUT.value), _ROWS.value))
     elif argv[1] == "restore":
         from configs.fmnist import table as tables
 

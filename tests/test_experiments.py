@@ -130,6 +130,20 @@ def test_gpu_tables_snapshot_of_rows_computed_here(tmp_path):
             "gpu10k_cpu/table2_config.json"]
     machine = (out / "machine.txt").read_text().splitlines()
     assert "cores (CPU" in machine[1] and "DC15" in machine[2]
+    # Chosen rows, by name: only those travel; an unevaluated or unknown one is refused
+    # before anything is written.
+    (work / "rows/DC15_IEC/metrics.json").write_text("{}")
+    picked = tmp_path / "docs" / "picked"
+    for bad in (["DC15 IEC", "DC15 K2"], ["DC1"]):
+        with pytest.raises(FileNotFoundError, match="no evaluated row named"):
+            gpu_tables.snapshot_here(str(work), picked, bad)
+    assert not picked.exists()
+    with tarfile.open(gpu_tables.snapshot_here(str(work), picked, ["DC15 IEC"])) as tar:
+        assert sorted(n for n in tar.getnames() if "/rows/" in n) == [
+            "gpu10k_cpu/rows/DC15_IEC/metrics.json", "gpu10k_cpu/rows/DC15_IEC/progress.json",
+            "gpu10k_cpu/rows/DC15_IEC/row.json"]
+    assert "DC15_IEC" in (picked / "machine.txt").read_text()
+    (work / "rows/DC15_IEC/metrics.json").unlink()
     collected = tmp_path / "collected"
     gpu_tables.extract([out], collected)
     prog = json.loads((collected / "rows" / "DC15" / "progress.json").read_text())

@@ -82,6 +82,12 @@ def parse_bits(quant: str) -> Optional[tuple[int, int]]:
     return int(m.group(1)), int(m.group(2))
 
 
+def row_slug(name: str) -> str:
+    """A row's directory name under ``rows/`` (from its display name)."""
+    s = name.replace("+", "plus").replace("±", "pm").replace("/", "over")
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_")
+
+
 @dataclasses.dataclass(frozen=True)
 class RowSpec:
     """One table row (see ``configs.base.TABLE_ROW_DEFAULTS`` for the fields)."""
@@ -136,8 +142,7 @@ class RowSpec:
 
     @property
     def slug(self) -> str:
-        s = self.name.replace("+", "plus").replace("±", "pm").replace("/", "over")
-        return re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_")
+        return row_slug(self.name)
 
     def iec_config(self) -> Optional[iec_jax.IECConfig]:
         if self.iec == "none":
