@@ -238,8 +238,8 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
         fake = fakes[slug]
         if "source" in stored["model"]:
             # A row.json from before fingerprints names the checkpoint by path: as on the
-            # device, the checkpoint is where that row was sampled (whichever snapshot's
-            # table config was extracted last).
+            # device, the checkpoint is where that row was sampled — its own row.json's
+            # path, not the table config's (that of the last snapshot extracted).
             fake.config.model.source = stored["model"]["source"]
         norm = lambda d, f=fake: reproduce.Table.normalize(f, d)  # noqa: E731
         assert norm(stored) == norm(defs[slug]), slug
