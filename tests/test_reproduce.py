@@ -310,6 +310,97 @@ def test_assembles_from_small_files_alone(tiny_run, tmp_path):
     assert json.loads((snap / "tiny_result.json").read_text())["left_out"] == ["FP"]
 
 
+def _interim_config():
+    c = _config()
+    c.only = "CacheQuant W8A8 N=2 + IEC"
+    return c
+
+
+def test_interim_over_every_shard_is_the_table(tiny_run, tmp_path):
+    """experiments.interim over a finished row: its FIDs, gain and bootstrap interval
+    are the table's (the same features, the same replicates); the L2 is between the row
+    and its baseline."""
+    import shutil
+
+    work, results = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    (got,) = reproduce.interim(_interim_config(), str(copy))
+    by = {r["row"]: r for r in results}
+    row, base = by["CacheQuant W8A8 N=2 + IEC"], by["CacheQuant W8A8 N=2"]
+    assert got["shards"] == [0] and got["num_samples"] == got["of_samples"] == 4
+    assert got["fid"] == row["fid"] and got["fid_baseline"] == base["fid"]
+    assert got["sfid"] == row["sfid"] and got["sfid_baseline"] == base["sfid"]
+    assert got["gain"] == row["gain"]
+    assert tuple(got["gain_ci95"]) == tuple(row["gain_ci95"])  # bootstrap = 5 in both
+    assert got["nfe"] == row["nfe"]
+    a, b = (np.load(copy / "rows" / d / "samples" / "samples_00000.npz")["arr_0"]
+            .astype(np.float64) for d in ("CacheQuant_W8A8_N_2_plus_IEC", "CacheQuant_W8A8_N_2"))
+    assert got["l2_to_baseline"] == pytest.approx(
+        np.sqrt(((a - b) ** 2).reshape(4, -1).sum(1)).mean(), rel=1e-12)
+    assert got["l2_to_baseline"] > 0
+    assert "| CacheQuant W8A8 N=2 + IEC | CacheQuant W8A8 N=2 | 4 of 4 |" in (
+        copy / "tiny_interim.md").read_text()
+    assert json.loads((copy / "tiny_interim.json").read_text())["rows"][0]["fid"] == got["fid"]
+    with pytest.raises(ValueError, match="no selected row has a baseline"):
+        c = _config()
+        c.only = "FP"
+        reproduce.interim(c, str(copy))
+
+
+def test_interim_uses_the_shards_both_rows_have(tiny_run, tmp_path):
+    """A row half-way through: only the shards sampled by both it and its baseline count;
+    the features they lack are computed (the files the full run would write); no common
+    shard, or a row not started, is refused."""
+    from iec_jax import metrics
+
+    work, _ = tiny_run
+    copy = tmp_path / "copy"
+    names = ("CacheQuant_W8A8_N_2_plus_IEC", "CacheQuant_W8A8_N_2")
+    c = _interim_config()
+    c.shard_size = 2  # the tiny run's 4 samples in two shards of 2
+    full = {}
+    for name in names:
+        src, dst = work / "rows" / name, copy / "rows" / name
+        (dst / "samples").mkdir(parents=True)
+        (dst / "features").mkdir()
+        meta = json.loads((src / "row.json").read_text())
+        meta["shard_size"] = 2
+        (dst / "row.json").write_text(json.dumps(meta))
+        with np.load(src / "samples" / "samples_00000.npz") as f:
+            x = f["arr_0"]
+        with np.load(src / "features" / "features_00000.npz") as f:
+            full[name] = {n: f[n] for n in f.files if n != "indices"}
+        for k in (0, 1):
+            idx = np.arange(2 * k, 2 * k + 2)
+            np.savez(dst / "samples" / f"samples_{k:05d}.npz", arr_0=x[idx], indices=idx)
+            if name == names[1]:  # the baseline's features are there; the row's are not
+                np.savez(dst / "features" / f"features_{k:05d}.npz", indices=idx,
+                         **{n: v[idx] for n, v in full[name].items()})
+    (copy / "rows" / names[0] / "samples" / "samples_00001.npz").unlink()  # still sampling
+    (got,) = reproduce.interim(c, str(copy))
+    assert got["shards"] == [0] and got["num_samples"] == 2 and got["of_samples"] == 4
+    # The row's shard-0 features were computed, and equal the full run's (batch 2 vs 4).
+    assert not (copy / "rows" / names[0] / "features" / "features_00001.npz").exists()
+    with np.load(copy / "rows" / names[0] / "features" / "features_00000.npz") as f:
+        np.testing.assert_allclose(f["pool"], full[names[0]]["pool"][:2], rtol=1e-4, atol=1e-4)
+    from iec_jax.run.evaluate import reference_features
+
+    ref = reference_features(c.eval.dataset, c.eval.split, data_dir=c.eval.data_dir,
+                             batch_size=c.eval.inception_batch_size)
+    fid_base = metrics.FeatureStats.from_features(full[names[1]]["pool"][:2]).frechet_distance(
+        metrics.FeatureStats.from_arrays(ref), method="eigh")
+    assert got["fid_baseline"] == pytest.approx(fid_base, rel=1e-9)
+    (copy / "rows" / names[0] / "samples" / "samples_00000.npz").unlink()
+    with pytest.raises(ValueError, match="no sample shard in common"):
+        reproduce.interim(c, str(copy))
+    import shutil
+
+    shutil.rmtree(copy / "rows" / names[0])
+    with pytest.raises(ValueError, match="has not been started"):
+        reproduce.interim(c, str(copy))
+
+
 def test_seeded_workdir_resamples_the_reference_row_only(tiny_run, tmp_path):
     """A work directory seeded with another machine's small files (gpu_tables run
     --seed): evaluated rows are read, the reference row is sampled again (the new rows'

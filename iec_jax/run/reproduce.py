@@ -67,7 +67,7 @@ from iec_jax.io import write_json, write_npz, write_text
 from iec_jax.run.common import build_schedule, load_unet, model_fingerprint
 from iec_jax.run.evaluate import FeatureShards, compute_metrics, reference_features
 
-__all__ = ["RowSpec", "run", "calibrate", "parse_bits", "paired_bootstrap_gain"]
+__all__ = ["RowSpec", "run", "calibrate", "interim", "parse_bits", "paired_bootstrap_gain"]
 
 _QUANT = re.compile(r"^W(\d+)A(\d+)$")
 
@@ -891,3 +891,108 @@ def calibrate(config, workdir: str) -> dict[str, str]:
     for n, d in digests.items():
         print(f"{d[:16]}  {n}")
     return digests
+
+
+def interim(config, workdir: str) -> list[dict]:
+    """A row's gain over its baseline from the shards both have sampled so far
+    (``experiments/interim.py``): for a row that takes hours, a paired result before it
+    ends (or when it cannot end in one sitting). Reads the shards of a (possibly running)
+    ``experiments.reproduce`` work directory with the same config, computes the Inception
+    features those shards lack (the same files the full run would write, so none of
+    this is done twice) and reports, per selected row with a baseline, FID and sFID of
+    both over the common samples, the relative gain with its paired-bootstrap interval
+    (``config.bootstrap`` replicates, 50 when unset), the L2 between the two rows'
+    samples and the row's NFE so far. Writes ``<table>_interim.{md,json}``.
+
+    FID over n < N samples is biased upwards (FID ≈ FID∞ + c / n, c about the same for
+    paired rows), which shrinks the magnitude of a relative gain; the interval covers
+    the sampling noise of those n samples only."""
+    rows = _select_rows(config)
+    all_rows = {r.name: r for r in (RowSpec.from_dict(d) for d in config.rows)}
+    pairs = [(r, all_rows[r.baseline]) for r in rows if r.baseline]
+    if not pairs:
+        raise ValueError("no selected row has a baseline: select one with --config.only"
+                         f" (rows with a baseline: {[r.name for r in all_rows.values() if r.baseline]})")
+    table = Table(config, workdir)
+    refstats = reference_features(config.eval.dataset, config.eval.split,
+                                  data_dir=config.eval.data_dir,
+                                  batch_size=config.eval.inception_batch_size)
+    replicates = int(config.bootstrap or 50)
+    results = []
+    for row, base in pairs:
+        dirs = [os.path.join(workdir, "rows", r.slug) for r in (row, base)]
+        for r, d in zip((row, base), dirs):
+            if not os.path.exists(os.path.join(d, "row.json")):
+                raise ValueError(f"{r.name!r} has not been started in {workdir} ({d})")
+            _check_row_dir(d, table.row_meta(r), table.normalize)
+        shards = [_float_shards(os.path.join(d, "samples"), config) for d in dirs]
+        common = [k for k in range(shards[0].num_shards)
+                  if all(s.is_complete(k) for s in shards)]
+        if not common:
+            raise ValueError(f"{row.name!r} and its baseline {base.name!r} have no sample"
+                             " shard in common yet")
+        t0 = time.time()
+        feats = []
+        for d, s in zip(dirs, shards):
+            fs = FeatureShards(os.path.join(d, "features"), s)
+            parts = []
+            for k in common:
+                if not os.path.exists(fs.path(k)):
+                    fs.compute(k, config.eval.crop, config.eval.inception_batch_size)
+                with np.load(fs.path(k)) as f:
+                    if not np.array_equal(f["indices"], s.indices(k)):
+                        raise ValueError(f"{fs.path(k)} belongs to another run; remove it")
+                    parts.append({n: f[n] for n in f.files if n != "indices"})
+            feats.append({n: np.concatenate([p[n] for p in parts]) for n in parts[0]})
+        _say(f"{row.name}: features of {len(common)} common shard(s)", t0)
+        m_row, m_base = (_frechet_distances(f, refstats, config.eval.frechet_method)
+                         for f in feats)
+        lo, hi = paired_bootstrap_gain(feats[1]["pool"], feats[0]["pool"], refstats,
+                                       replicates=replicates)
+        x = [np.concatenate([_shard_array(s.path(k)) for k in common]).astype(np.float64)
+             for s in shards]
+        d = (x[0] - x[1]).reshape(len(x[0]), -1)
+        p = _Progress(os.path.join(dirs[0], "progress.json"))
+        results.append(dict(
+            row=row.name, baseline=base.name, shards=common,
+            num_samples=int(sum(len(shards[0].indices(k)) for k in common)),
+            of_samples=int(config.num_samples),
+            fid=m_row["fid"], fid_baseline=m_base["fid"],
+            sfid=m_row["sfid"], sfid_baseline=m_base["sfid"],
+            gain=(m_base["fid"] - m_row["fid"]) / m_base["fid"], gain_ci95=[lo, hi],
+            replicates=replicates, l2_to_baseline=float(np.sqrt((d ** 2).sum(1)).mean()),
+            nfe=p.per_sample("nfe"), paper_gain=row.paper_gain or None))
+    lines = [f"# {config.name}: interim (shards sampled by both rows so far)", "",
+             "| row | baseline | samples | FID | FID baseline | gain [95%] | sFID | sFID baseline"
+             " | L2 to baseline | NFE | paper gain |", "|" + "---|" * 11]
+    for r in results:
+        lines.append(
+            f"| {r['row']} | {r['baseline']} | {r['num_samples']:,} of {r['of_samples']:,}"
+            f" | {r['fid']:.2f} | {r['fid_baseline']:.2f} | {_pct(r['gain'])}"
+            f" [{100 * r['gain_ci95'][0]:+.1f}, {100 * r['gain_ci95'][1]:+.1f}]"
+            f" | {r['sfid']:.2f} | {r['sfid_baseline']:.2f} | {r['l2_to_baseline']:.3f}"
+            f" | {_fmt(r['nfe'], 1)} | {_pct(r['paper_gain'])} |")
+    lines += ["", "Over the samples of the shards both rows have (paired seeds). FID over"
+              " fewer samples is biased upwards in both rows alike, which shrinks the gain;"
+              f" [a, b]: 95% paired-bootstrap interval ({replicates} replicates) of the FID"
+              " difference over these samples, divided by the baseline's FID."]
+    write_text(os.path.join(workdir, f"{config.table}_interim.md"), "\n".join(lines) + "\n")
+    write_json(os.path.join(workdir, f"{config.table}_interim.json"), dict(rows=results))
+    print("\n".join(lines))
+    return results
+
+
+def _frechet_distances(feats: dict, ref: dict, method: str) -> dict:
+    """FID and sFID alone (precision/recall need more samples than an interim may have)."""
+    from iec_jax import metrics
+
+    return dict(
+        fid=float(metrics.FeatureStats.from_features(feats["pool"]).frechet_distance(
+            metrics.FeatureStats.from_arrays(ref), method=method)),
+        sfid=float(metrics.FeatureStats.from_features(feats["spatial"]).frechet_distance(
+            metrics.FeatureStats.from_arrays(ref, "_s"), method=method)))
+
+
+def _shard_array(path: str) -> np.ndarray:
+    with np.load(path) as f:
+        return f["arr_0"]
