@@ -19,7 +19,6 @@ use_all_cpu_cores()  # before JAX initialises: one host device per core
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,7 +26,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from iec_jax import metrics  # noqa: E402
-from iec_jax.io import enable_compilation_cache, write_json  # noqa: E402
+from iec_jax.io import enable_compilation_cache, host_cpu, write_json  # noqa: E402
 from iec_jax.pipeline import data_mesh  # noqa: E402
 from iec_jax.run.bench import _median_time  # noqa: E402
 from iec_jax.run.common import load_unet, unet_denoiser  # noqa: E402
@@ -95,8 +94,8 @@ def main(argv=None):
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     enable_compilation_cache()
-    print(f"{jax.device_count()} {jax.default_backend()} device(s); {platform.processor() or platform.machine()}")
-    result = dict(backend=jax.default_backend(), devices=jax.device_count(),
+    print(f"{jax.device_count()} {jax.default_backend()} device(s); {host_cpu()}")
+    result = dict(backend=jax.default_backend(), devices=jax.device_count(), cpu=host_cpu(),
                   unet_ms_per_sample=unet_ms_per_sample(args.model, args.unet, args.repeats),
                   inception_ms_per_image=inception_ms_per_image(args.inception, args.images,
                                                                 args.repeats))

@@ -232,10 +232,9 @@ def snapshot_here(workdir: str, out: Path, names=()) -> Path:
     the start by a seeded run, and ``collect`` drops its progress anyway. ``names``: the
     rows to pack, by row name (default: every evaluated row), e.g. to keep a row that
     ``collect`` should take from another machine out of this snapshot."""
-    import platform
-
     import jax
 
+    from iec_jax.io import host_cpu
     from iec_jax.run.reproduce import row_slug
 
     rows = sorted(p.parent.name for p in Path(workdir).glob("rows/*/metrics.json"))
@@ -248,14 +247,7 @@ def snapshot_here(workdir: str, out: Path, names=()) -> Path:
             raise FileNotFoundError(f"{workdir} has no evaluated row named {missing}"
                                     f" (evaluated: {rows})")
         rows = sorted(wanted)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = host_cpu()
     out.mkdir(parents=True, exist_ok=True)
     (out / "machine.txt").write_text(
         "name, cores\n"

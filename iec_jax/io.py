@@ -65,6 +65,22 @@ def enable_compilation_cache(path: str | None = None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def host_cpu() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``; else what :mod:`platform` knows), to
+    say which machine a timing or a row came from: 2-core containers of one service
+    differ (an Intel Xeon here one day, an AMD EPYC the next)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def use_all_cpu_cores(num_devices: int | None = None) -> None:
     """Expose each CPU core as a JAX host device (``--xla_force_host_platform_device_count``).
 

@@ -259,6 +259,9 @@ def test_bench_batch_times_the_unet_and_refuses_bad_sizes(tmp_path):
     bench_batch.main(["--model", SHARED, "--unet", str(n), "--inception", "", "--out", str(out)])
     got = json.loads(out.read_text())
     assert got["devices"] == n and got["inception_ms_per_image"] == {}
+    from iec_jax.io import host_cpu
+
+    assert got["cpu"] == host_cpu()  # which of the service's CPUs measured it
     assert float(got["unet_ms_per_sample"][str(n)]) > 0
     if n > 1:
         with pytest.raises(ValueError, match="not divisible"):

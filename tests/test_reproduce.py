@@ -299,7 +299,14 @@ def test_assembles_from_small_files_alone(tiny_run, tmp_path):
     for key in ("row", "fid", "sfid", "precision", "recall", "l2_to_fp", "nfe", "nfe_full",
                 "gflops", "gain", "device"):
         assert [r[key] for r in got] == [r[key] for r in results], key
-    assert "cpu" in got[0]["device"]  # where the rows were sampled, recorded per row
+    # Where the rows were sampled, recorded per row, with the CPU's model (2-core
+    # containers of one service differ from session to session), every machine a
+    # resumed row ran on in `devices`.
+    from iec_jax.io import host_cpu
+
+    assert got[0]["device"] == f"{jax.device_count()} × cpu ({host_cpu()})"
+    assert got[0]["devices"] == [got[0]["device"]]
+    assert host_cpu() in (snap / "tiny.md").read_text()
     assert all(r["gain_ci95"] is None for r in got)  # no features: no bootstrap
     assert (snap / "tiny_error_growth.png").stat().st_size > 0
     # Samples present but metrics not: left out when the budget is spent.
@@ -646,3 +653,23 @@ def test_main_job_config_and_embedded_model():
     partial = net.apply({"params": params}, x, t, cache_point=cp, cached_feature=feature)
     np.testing.assert_allclose(np.asarray(partial), np.asarray(eps), rtol=0, atol=1e-5)
     assert float(jnp.std(eps)) > 0.5  # a trained ε-predictor of unit-variance noise
+
+
+def test_progress_keeps_every_machine_a_resumed_row_ran_on(tmp_path):
+    """A row resumed on another machine: `device` is the latest, `devices` all of them in
+    order (each once), and the counts accumulate."""
+    from iec_jax.io import host_cpu
+
+    path = tmp_path / "progress.json"
+    path.write_text(json.dumps(dict(seconds=10.0, samples=2, nfe=8.0, device="1 × NVIDIA H200",
+                                    devices=["1 × NVIDIA H200"])))
+    info = dict(nfe=np.ones(4, int), full_pass=np.ones(4, bool), corrections=np.zeros((4, 2)))
+    for _ in range(2):
+        p = reproduce._Progress(str(path))
+        p.add([1.0], [info], [2], first_call=True)
+    here = f"{jax.device_count()} × cpu ({host_cpu()})"
+    d = json.loads(path.read_text())
+    assert d["device"] == here and d["devices"] == ["1 × NVIDIA H200", here]
+    assert d["samples"] == 6 and d["seconds"] == 12.0
+    assert d["nfe"] == 8.0 + 2 * 4 * 2
+    assert host_cpu().strip()  # a name, never empty

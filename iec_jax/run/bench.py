@@ -19,7 +19,6 @@ Timing: every variant is warmed up (compiled) first; the figure is the median of
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import iec_jax
-from iec_jax.io import write_json
+from iec_jax.io import host_cpu, write_json
 from iec_jax.pipeline import data_mesh
 from iec_jax.run.common import build_schedule, load_unet, unet_denoiser
 
@@ -180,7 +179,7 @@ def run(config, workdir: str) -> dict:
         backend=backend,
         jax_devices=jax.device_count(),
         device=str(jax.devices()[0].device_kind),
-        cpu=platform.processor() or platform.machine(),
+        cpu=host_cpu(),
         cores=os.cpu_count(),
         jax=jax.__version__,
         torch=torch.__version__,

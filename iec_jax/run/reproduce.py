@@ -13,7 +13,9 @@ controls). For every row the job writes, under ``<workdir>/rows/<row>/``:
 * ``samples/samples_{k:05d}.npz`` — float32 x_0 (resumable shards; sample i depends only
   on (seed, i), so every row sees the same x_T: rows are paired);
 * ``features/features_{k:05d}.npz`` — Inception features of the uint8 images;
-* ``progress.json`` — sampling seconds, samples and NFE accumulated shard by shard;
+* ``progress.json`` — sampling seconds, samples and NFE accumulated shard by shard, and
+  the machine that sampled (``device``; on a CPU with its model name) — every machine
+  of a row resumed over several sittings in ``devices``;
 * ``trajectory.npz`` — the float trajectory of the first ``trajectory_samples`` samples;
 * ``metrics.json``, ``l2.json``, ``error_growth.json`` — the row's FID / sFID /
   precision / recall, its L2 distance to the FP samples and its per-step distance to the
@@ -205,8 +207,9 @@ class _Progress:
         """``seconds``: per batch. The first batch of an invocation includes the jit
         compilation; it is left out of the timed rate when the shard has other batches."""
         d = self.data
-        dev = jax.devices()[0]
-        d["device"] = f"{jax.device_count()} × {getattr(dev, 'device_kind', dev.platform)}"
+        d["device"] = _device_description()
+        # A row resumed over several sittings may span machines: all of them, in order.
+        d["devices"] = list(dict.fromkeys(d.get("devices", []) + [d["device"]]))
         d["seconds"] += float(np.sum(seconds))
         skip = 1 if first_call and len(counts) > 1 else 0
         d["timed_seconds"] += float(np.sum(seconds[skip:]))
@@ -223,6 +226,15 @@ class _Progress:
     def per_sample(self, key: str) -> Optional[float]:
         n = self.data["samples"]
         return self.data[key] / n if n else None
+
+
+def _device_description() -> str:
+    """``"2 × cpu (AMD EPYC …)"`` / ``"1 × NVIDIA H200"``: what sampled a shard."""
+    from iec_jax.io import host_cpu
+
+    dev = jax.devices()[0]
+    what = f"{jax.device_count()} × {getattr(dev, 'device_kind', dev.platform)}"
+    return f"{what} ({host_cpu()})" if dev.platform == "cpu" else what
 
 
 class Table:
@@ -642,7 +654,8 @@ def _write_outputs(workdir: str, config, results: list[dict], left_out=()) -> No
              f"{config.num_samples} samples per row, DDIM-{config.sampler.num_steps}"
              f" ({config.sampler.spacing}), η = {config.sampler.eta}, seed {config.seed};"
              f" reference {config.eval.dataset}/{config.eval.split}; sampled on "
-             + (", ".join(sorted({r.get("device") or "an unrecorded machine" for r in results}))
+             + (", ".join(sorted({dv for r in results for dv in (
+                 r.get("devices") or [r.get("device") or "an unrecorded machine"])}))
                 or "–") + ".", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     buf = _io.StringIO()
@@ -845,7 +858,7 @@ def run(config, workdir: str) -> list[dict]:
             seconds_per_1k=1000 * p.data["timed_seconds"] / timed if timed else None,
             baseline=row.baseline, gain=None, paper_fid=row.paper_fid,
             paper_gain=row.paper_gain, num_samples=int(config.num_samples),
-            device=p.data.get("device"),
+            device=p.data.get("device"), devices=p.data.get("devices"),
         )
         print("  " + ", ".join(f"{k}={_fmt(v, 4)}" for k, v in out[row.name].items()
                                if k in ("fid", "sfid", "l2_to_fp", "nfe")), flush=True)
