@@ -511,6 +511,11 @@ def test_iec_rows_are_keyed_by_batch_size(tiny_run, tmp_path):
     got = reproduce.run(_budget0(), str(snap))
     assert [r["fid"] for r in got] == [r["fid"] for r in results]
     assert json.loads(snap_json.read_text())["batch_size"] == 2
+    # The legacy fill follows the same rule as today's row.json (one function).
+    assert reproduce._stored_batch_dependent(legacy["row"])
+    assert not reproduce._stored_batch_dependent(
+        json.loads((work / "rows" / "FP" / "row.json").read_text())["row"])
+    assert reproduce._stored_batch_dependent(dict(name="old", iec="official_ddpm", gone=1))
 
 
 def test_model_fingerprint_is_content(tmp_path):

@@ -168,6 +168,16 @@ def _batch_dependent(row: RowSpec) -> bool:
     return iec is not None and iec.convergence == "batch" and iec.tolerance > 0
 
 
+def _stored_batch_dependent(row: dict) -> bool:
+    """:func:`_batch_dependent` of a row as stored in a row.json (labels dropped); a row
+    that no longer parses (fields of another version) counts as batch dependent when it
+    has IEC at all, as before the rule was spelled out."""
+    try:
+        return _batch_dependent(RowSpec.from_dict(row))
+    except (TypeError, ValueError):
+        return row.get("iec", "none") != "none"
+
+
 def _select_rows(config) -> list[RowSpec]:
     rows = [RowSpec.from_dict(r) for r in config.rows]
     if not rows:
@@ -314,8 +324,7 @@ class Table:
             d = {k: walk(v) for k, v in d.items()}
             if isinstance(d.get("row"), dict):
                 d["row"] = {k: v for k, v in d["row"].items() if k not in ROW_LABELS}
-                if ("sampler" in d and "batch_size" not in d
-                        and d["row"].get("iec", "none") != "none"):
+                if "sampler" in d and "batch_size" not in d and _stored_batch_dependent(d["row"]):
                     # Written before IEC rows recorded their batch size: taken to be
                     # today's (accepted as before; rewritten with it).
                     d["batch_size"] = int(self.config.batch_size)
