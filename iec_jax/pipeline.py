@@ -131,14 +131,16 @@ class SampleShards:
             raise ValueError(f"shard {k} needs {len(idx)} images, got {len(images)}")
         write_npz(self.path(k), arr_0=np.asarray(images, self.dtype), indices=idx)
 
-    def load(self) -> np.ndarray:
-        """All samples in index order (NHWC, ``dtype``); raises if a shard is missing."""
-        missing = self.missing()
+    def load(self, only: Optional[Iterable[int]] = None) -> np.ndarray:
+        """All samples in index order (NHWC, ``dtype``), or those of the shards ``only``
+        (in that order); raises if one of them is missing."""
+        ks = list(range(self.num_shards) if only is None else only)
+        missing = [k for k in self.missing() if k in ks]
         if missing:
-            raise ValueError(f"{len(missing)} of {self.num_shards} shards are missing in"
+            raise ValueError(f"{len(missing)} of {len(ks)} shards are missing in"
                              f" {self.directory} (first: {missing[0]})")
         parts = []
-        for k in range(self.num_shards):
+        for k in ks:
             with np.load(self.path(k)) as f:
                 parts.append(f["arr_0"])
         return np.concatenate(parts)

@@ -28,7 +28,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import jax
 import numpy as np
@@ -133,9 +133,10 @@ class FeatureShards:
         feats = _features(center_crop(images, crop), batch_size)
         write_npz(self.path(k), indices=idx, **feats)
 
-    def load(self) -> dict[str, np.ndarray]:
+    def load(self, only: Optional[Iterable[int]] = None) -> dict[str, np.ndarray]:
+        """The features of every shard, or of the shards ``only`` (in that order)."""
         parts = []
-        for k in range(self.samples.num_shards):
+        for k in range(self.samples.num_shards) if only is None else only:
             with np.load(self.path(k)) as f:
                 if not np.array_equal(f["indices"], self.samples.indices(k)):
                     raise ValueError(f"{self.path(k)} belongs to another run; remove it")
@@ -143,17 +144,26 @@ class FeatureShards:
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
 
-def compute_metrics(feats: dict, ref: dict, *, frechet_method: str = "sqrtm") -> dict:
+def frechet_distances(feats: dict, ref: dict, *, frechet_method: str = "sqrtm") -> dict:
+    """FID (pool features) and sFID (spatial) against the reference statistics ``ref``."""
     from iec_jax import metrics
 
     pool = metrics.FeatureStats.from_features(feats["pool"])
     spatial = metrics.FeatureStats.from_features(feats["spatial"])
-    ref_pool = metrics.FeatureStats.from_arrays(ref)
-    ref_spatial = metrics.FeatureStats.from_arrays(ref, "_s")
-    out = dict(
-        fid=pool.frechet_distance(ref_pool, method=frechet_method),
-        sfid=spatial.frechet_distance(ref_spatial, method=frechet_method),
+    return dict(
+        fid=float(pool.frechet_distance(metrics.FeatureStats.from_arrays(ref),
+                                        method=frechet_method)),
+        sfid=float(spatial.frechet_distance(metrics.FeatureStats.from_arrays(ref, "_s"),
+                                            method=frechet_method)),
     )
+
+
+def compute_metrics(feats: dict, ref: dict, *, frechet_method: str = "sqrtm") -> dict:
+    """:func:`frechet_distances`, precision and recall (k = 3) and, with logits, the
+    Inception Score."""
+    from iec_jax import metrics
+
+    out = frechet_distances(feats, ref, frechet_method=frechet_method)
     out["precision"], out["recall"] = metrics.precision_recall(ref["pool"], feats["pool"], 3)
     if "logits" in feats:
         out["inception_score"] = metrics.inception_score(feats["logits"])
@@ -230,4 +240,5 @@ def run(config, workdir: str) -> dict:
     return result
 
 
-__all__ = ["run", "reference_features", "compute_metrics", "center_crop", "FeatureShards"]
+__all__ = ["run", "reference_features", "compute_metrics", "frechet_distances", "center_crop",
+           "FeatureShards"]

@@ -67,7 +67,8 @@ import iec_jax
 from iec_jax import pipeline
 from iec_jax.io import write_json, write_npz, write_text
 from iec_jax.run.common import build_schedule, load_unet, model_fingerprint
-from iec_jax.run.evaluate import FeatureShards, compute_metrics, reference_features
+from iec_jax.run.evaluate import (FeatureShards, compute_metrics, frechet_distances,
+                                  reference_features)
 
 __all__ = ["RowSpec", "run", "calibrate", "interim", "parse_bits", "paired_bootstrap_gain"]
 
@@ -617,7 +618,12 @@ def _l2_to(rowdir: str, refdir: str, config) -> Optional[float]:
     b = _float_shards(os.path.join(refdir, "samples"), config)
     if a.missing() or b.missing():
         return None
-    d = a.load().astype(np.float64) - b.load().astype(np.float64)
+    return _mean_l2(a.load(), b.load())
+
+
+def _mean_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over paired samples of ‖a_i − b_i‖₂ (float64)."""
+    d = a.astype(np.float64) - b.astype(np.float64)
     return float(np.sqrt((d.reshape(len(d), -1) ** 2).sum(1)).mean())
 
 
@@ -957,23 +963,14 @@ def interim(config, workdir: str) -> list[dict]:
         feats = []
         for d, s in zip(dirs, shards):
             fs = FeatureShards(os.path.join(d, "features"), s)
-            parts = []
-            for k in common:
-                if not os.path.exists(fs.path(k)):
-                    fs.compute(k, config.eval.crop, config.eval.inception_batch_size)
-                with np.load(fs.path(k)) as f:
-                    if not np.array_equal(f["indices"], s.indices(k)):
-                        raise ValueError(f"{fs.path(k)} belongs to another run; remove it")
-                    parts.append({n: f[n] for n in f.files if n != "indices"})
-            feats.append({n: np.concatenate([p[n] for p in parts]) for n in parts[0]})
+            for k in sorted(set(fs.missing()) & set(common)):
+                fs.compute(k, config.eval.crop, config.eval.inception_batch_size)
+            feats.append(fs.load(only=common))
         _say(f"{row.name}: features of {len(common)} common shard(s)", t0)
-        m_row, m_base = (_frechet_distances(f, refstats, config.eval.frechet_method)
+        m_row, m_base = (frechet_distances(f, refstats, frechet_method=config.eval.frechet_method)
                          for f in feats)
         lo, hi = paired_bootstrap_gain(feats[1]["pool"], feats[0]["pool"], refstats,
                                        replicates=replicates)
-        x = [np.concatenate([_shard_array(s.path(k)) for k in common]).astype(np.float64)
-             for s in shards]
-        d = (x[0] - x[1]).reshape(len(x[0]), -1)
         p = _Progress(os.path.join(dirs[0], "progress.json"))
         results.append(dict(
             row=row.name, baseline=base.name, shards=common,
@@ -982,7 +979,8 @@ def interim(config, workdir: str) -> list[dict]:
             fid=m_row["fid"], fid_baseline=m_base["fid"],
             sfid=m_row["sfid"], sfid_baseline=m_base["sfid"],
             gain=(m_base["fid"] - m_row["fid"]) / m_base["fid"], gain_ci95=[lo, hi],
-            replicates=replicates, l2_to_baseline=float(np.sqrt((d ** 2).sum(1)).mean()),
+            replicates=replicates,
+            l2_to_baseline=_mean_l2(*(s.load(only=common) for s in shards)),
             nfe=p.per_sample("nfe"), paper_gain=row.paper_gain or None))
     lines = [f"# {config.name}: interim (shards sampled by both rows so far)", "",
              "| row | baseline | samples | FID | FID baseline | gain [95%] | sFID | sFID baseline"
@@ -1003,18 +1001,3 @@ def interim(config, workdir: str) -> list[dict]:
     print("\n".join(lines))
     return results
 
-
-def _frechet_distances(feats: dict, ref: dict, method: str) -> dict:
-    """FID and sFID alone (precision/recall need more samples than an interim may have)."""
-    from iec_jax import metrics
-
-    return dict(
-        fid=float(metrics.FeatureStats.from_features(feats["pool"]).frechet_distance(
-            metrics.FeatureStats.from_arrays(ref), method=method)),
-        sfid=float(metrics.FeatureStats.from_features(feats["spatial"]).frechet_distance(
-            metrics.FeatureStats.from_arrays(ref, "_s"), method=method)))
-
-
-def _shard_array(path: str) -> np.ndarray:
-    with np.load(path) as f:
-        return f["arr_0"]
