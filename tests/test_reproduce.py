@@ -678,3 +678,7 @@ def test_progress_keeps_every_machine_a_resumed_row_ran_on(tmp_path):
     assert d["samples"] == 6 and d["seconds"] == 12.0
     assert d["nfe"] == 8.0 + 2 * 4 * 2
     assert host_cpu().strip()  # a name, never empty
+    # A progress.json from before `devices` existed: its `device` is kept as the first.
+    path.write_text(json.dumps(dict(seconds=1.0, samples=2, nfe=8.0, device="2 × cpu")))
+    reproduce._Progress(str(path)).add([1.0], [info], [2], first_call=True)
+    assert json.loads(path.read_text())["devices"] == ["2 × cpu", here]

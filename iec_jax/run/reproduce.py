@@ -218,9 +218,11 @@ class _Progress:
         """``seconds``: per batch. The first batch of an invocation includes the jit
         compilation; it is left out of the timed rate when the shard has other batches."""
         d = self.data
+        # A row resumed over several sittings may span machines: all of them, in order
+        # (a progress.json from before `devices` existed names its machine in `device`).
+        seen = d.get("devices") or ([d["device"]] if d.get("device") else [])
         d["device"] = _device_description()
-        # A row resumed over several sittings may span machines: all of them, in order.
-        d["devices"] = list(dict.fromkeys(d.get("devices", []) + [d["device"]]))
+        d["devices"] = list(dict.fromkeys(seen + [d["device"]]))
         d["seconds"] += float(np.sum(seconds))
         skip = 1 if first_call and len(counts) > 1 else 0
         d["timed_seconds"] += float(np.sum(seconds[skip:]))
