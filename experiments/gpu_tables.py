@@ -77,18 +77,20 @@ MODEL_DIR = "fmnist-ddpm"
 # "-a,b" (all but these). Each table's headline rows (the paper's cells and their IEC rows)
 # come first, the controls and ablations after, so that a lease that ends early has the
 # cells the README compares with the paper. Rows shared by two tables (FP, W8A8 + IEC,
-# DeepCache N=10 + IEC, ...) are computed once in the shared work directory.
+# DeepCache N=10 + IEC, ...) are computed once in the shared work directory. CacheQuant
+# W4A8 (a Table 3 cell) follows worker 0's Table 2 cells rather than worker 2's W8A8 pair:
+# in a run seeded with the evaluated DeepCache rows, worker 0 is otherwise idle after FP.
 WORKERS = (
     (("table2", ["FP", "DeepCache N=10", "DeepCache N=10 + IEC", "DeepCache N=15",
                  "DeepCache N=15 + IEC"]),
+     ("table3", ["CacheQuant W4A8 N=10", "CacheQuant W4A8 N=10 + IEC"]),
      ("table2", ["FP + IEC", "DeepCache N=10 DDIM-110", "DeepCache N=5",
                  "DeepCache N=10 nonuniform"])),
     (("table1", ["W8A8", "W8A8 + IEC"]),
      ("table5", ["W8A8 + IEC ±1/10", "W8A8 + IEC ±1/20"]),
      ("table1", ["W8A8 DDIM-200", "FP DDIM-200"])),
     (("table3", ["CacheQuant W8A8 N=10", "CacheQuant W8A8 N=10 + IEC"]),
-     ("table3", ["CacheQuant W4A8 N=10", "CacheQuant W4A8 N=10 + IEC",
-                 "CacheQuant W8A8 N=10 DPS", "CacheQuant W8A8 N=10 DPS + IEC",
+     ("table3", ["CacheQuant W8A8 N=10 DPS", "CacheQuant W8A8 N=10 DPS + IEC",
                  "W8A8 N=10 no DEC"])),
     (("table1", ["W4A8", "W4A8 + IEC"]),
      ("table1", ["W4A8 DDIM-200"])),
