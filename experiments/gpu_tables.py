@@ -7,8 +7,7 @@ the work is split in two commands:
   # here (CPU): a bundle of what the GPU machine needs, in .device/ (git-ignored)
   python -m experiments.gpu_tables pack --bundle .device
   # there (GPU), from the repository root, with the bundle carried:
-  python -m experiments.gpu_tables run --bundle .device --workdir runs/gpu10k \\
-      --out "$OUT" --deadline_s 540
+  python -m experiments.gpu_tables run --bundle .device --out "$OUT" --deadline_s 540
 
 ``pack`` writes the reference checkpoint (a copy of ``../shared/models/fmnist-ddpm``), the
 uint8 Fashion-MNIST test images (from TFDS), and the converted FID Inception's parameters
@@ -29,7 +28,13 @@ plots, worker logs and each row's small files (progress, metrics, L2, error grow
 to ``--out/tables.tar.gz``, rewritten atomically every 30 s and whenever a job ends, so
 a run killed from outside still returns its last snapshot; ``--out/driver.log`` holds
 the driver's timeline. The workers' BLAS thread pools are split between them.
-``--seed`` starts from earlier runs' evaluated rows.
+``--seed`` starts from earlier runs' evaluated rows. ``--job 'TABLE:ROW,ROW'`` (repeated:
+one worker each) runs only those rows instead of ``WORKERS``, and ``--variant gpu`` the
+tables at 50,000 samples (work directory ``runs/<variant>``), e.g. the headline DeepCache
+pair at the paper's sample count:
+
+  python -m experiments.gpu_tables run --out "$OUT" --deadline_s 500 --variant gpu \
+      --job table2:FP --job "table2:DeepCache N=10" --job "table2:DeepCache N=10 + IEC"
 
 ``collect`` (here) assembles the tables from one or more such result directories
 (``tables.tar.gz`` + ``machine.txt``), from the rows' small files alone:
@@ -41,6 +46,7 @@ the driver's timeline. The workers' BLAS thread pools are split between them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,7 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
 
 _BUNDLE = flags.DEFINE_string("bundle", ".device", "Bundle directory (relative to the repo root).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/gpu10k", "Table work directory (run).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Table work directory (default: run:"
+                                " runs/<variant>; snapshot, collect: runs/gpu10k).")
 _OUT = flags.DEFINE_string("out", None, "Where the results archive and log go (run).")
 _DEADLINE = flags.DEFINE_float("deadline_s", 540.0, "Seconds from the start of `run` by which"
                                " the results archive must be written.")
@@ -66,6 +73,9 @@ _SEED = flags.DEFINE_list("seed", [], "run: result directories of earlier runs (
                           " + machine.txt) whose evaluated rows are not computed again.")
 _ROWS = flags.DEFINE_list("rows", [], "snapshot: the evaluated rows to pack, by name"
                           " (default: all).")
+_JOBS = flags.DEFINE_multi_string("job", [], "run: one worker per flag, running the rows"
+                                  " 'TABLE:ROW,ROW,...' (default: WORKERS, every row of"
+                                  " Tables 1, 2, 3 and 5).")
 _ASSEMBLY_S = flags.DEFINE_float("assembly_s", 75.0, "Seconds kept for assembling the tables"
                                  " after the workers are stopped (run).")
 
@@ -174,6 +184,23 @@ def _restore(bundle: Path, split: str) -> None:
           flush=True)
 
 
+def parse_jobs(specs, variant: str) -> tuple:
+    """``--job`` values ('TABLE:ROW,ROW,...', one worker each) as a ``WORKERS``-shaped
+    tuple, every row checked against the variant's table here, before a lease's time is
+    spent (None: ``WORKERS``)."""
+    if not specs:
+        return WORKERS
+    workers = []
+    for spec in specs:
+        table, sep, rows = spec.partition(":")
+        if not sep or not re.fullmatch(r"table\d+", table) or not rows.strip():
+            raise ValueError(f"--job wants 'TABLE:ROW,ROW,...' (e.g. 'table2:FP'), got {spec!r}")
+        only = [r.strip() for r in rows.split(",")]
+        _only(table, only, variant)  # raises on a row the table does not have
+        workers.append(((table, only),))
+    return tuple(workers)
+
+
 def _job_cmd(table: str, only, workdir: str, variant: str, budget: float, model: str,
              lease: bool = True) -> list:
     """The ``reproduce`` command of one job. On a lease (``lease``), FID∞ is off: its
@@ -258,7 +285,8 @@ def snapshot_here(workdir: str, out: Path, names=()) -> Path:
     return snapshot(workdir, out, rows)
 
 
-def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) -> None:
+def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str,
+        workers: tuple = WORKERS) -> None:
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     logs = Path(workdir) / "logs"
@@ -284,12 +312,12 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     stop_at = start + deadline_s - _ASSEMBLY_S.value  # workers still busy are stopped
     # The workers share the CPU too: unlimited BLAS pools (numpy's eigh in the Fréchet
     # distance) in five processes stalled every row's metrics in the second H200 call.
-    threads = str(max(1, (os.cpu_count() or 1) // len(WORKERS)))
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(WORKERS):.2f}",
+    threads = str(max(1, (os.cpu_count() or 1) // len(workers)))
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=f"{0.9 / len(workers):.2f}",
                PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
                MKL_NUM_THREADS=threads)
-    queues = [list(jobs) for jobs in WORKERS]
-    running: list = [None] * len(WORKERS)  # (Popen, log file, name) per worker
+    queues = [list(jobs) for jobs in workers]
+    running: list = [None] * len(workers)  # (Popen, log file, name) per worker
 
     def launch(i: int) -> None:
         budget = row_deadline - time.time()
@@ -298,7 +326,7 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
             return
         table, only = queues[i].pop(0)
         cmd = _job_cmd(table, only, workdir, variant, budget, model)
-        name = f"worker{i}.{len(WORKERS[i]) - len(queues[i])}_{table}"  # one log per job
+        name = f"worker{i}.{len(workers[i]) - len(queues[i])}_{table}"  # one log per job
         say(f"{name}: {' '.join(cmd[1:])}")
         log = open(logs / f"{name}.log", "w")
         running[i] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -316,7 +344,7 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
             say(f"{job[2]}: still not gone 30 s after SIGKILL")
         job[1].close()
 
-    for i in range(len(WORKERS)):
+    for i in range(len(workers)):
         launch(i)
     last_snapshot = time.time()
     while time.time() < stop_at and any(running):
@@ -341,7 +369,7 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str) 
     for job in busy:
         stop(job)
     snapshot(workdir, out)
-    tables = sorted({t for jobs in WORKERS for t, _ in jobs})
+    tables = sorted({t for jobs in workers for t, _ in jobs})
     assembly = []
     for table in tables:  # in parallel: each reads its rows' cached metrics
         log = open(logs / f"assemble_{table}.log", "w")
@@ -434,17 +462,20 @@ def main(argv):
         raise app.UsageError(f"{argv[1]} takes flags only, got {argv[2:]}")
     if _ROWS.value and argv[1] != "snapshot":
         raise app.UsageError(f"--rows is an option of snapshot, not of {argv[1]}")
+    if _JOBS.value and argv[1] != "run":
+        raise app.UsageError(f"--job is an option of run, not of {argv[1]}")
     bundle = ROOT / _BUNDLE.value
+    workdir = _WORKDIR.value or (f"runs/{_VARIANT.value}" if argv[1] == "run" else "runs/gpu10k")
     if argv[1] == "pack":
         pack(bundle)
     elif argv[1] == "collect":
         if len(argv) < 3:
             raise app.UsageError("collect needs the result directories of run")
-        collect(argv[2:], ROOT / _WORKDIR.value)
+        collect(argv[2:], ROOT / workdir)
     elif argv[1] == "snapshot":
         if not _OUT.value:
             raise app.UsageError("snapshot needs --out")
-        print(snapshot_here(_WORKDIR.value, Path(_OUT.value), _ROWS.value))
+        print(snapshot_here(workdir, Path(_OUT.value), _ROWS.value))
     elif argv[1] == "restore":
         from configs.fmnist import table as tables
 
@@ -452,10 +483,11 @@ def main(argv):
     else:
         if not _OUT.value:
             raise app.UsageError("run needs --out")
+        workers = parse_jobs(_JOBS.value, _VARIANT.value)  # before any time is spent
         from iec_jax.io import enable_compilation_cache
 
         enable_compilation_cache()
-        run(bundle, _WORKDIR.value, Path(_OUT.value), _DEADLINE.value, _VARIANT.value)
+        run(bundle, workdir, Path(_OUT.value), _DEADLINE.value, _VARIANT.value, workers)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 # with .device/ (python -m experiments.gpu_tables pack) and .whl/ (the pure-Python wheels
 # the image lacks or has at other versions: ml_collections, flax, optax, chex) carried:
 #
-#   bash experiments/gpu_tables_device.sh "$OUT" 440 [docs/device/<earlier run>,...]
+#   bash experiments/gpu_tables_device.sh "$OUT" 440 [docs/device/<earlier run>,...] [FLAG...]
 #
 # $1: where the results go (driver.log, tables.tar.gz: snapshots while it runs);
 # $2: the driver's deadline in seconds (leave ~40 s below the call's own limit);
-# $3 (optional): comma-separated result directories of earlier runs in the checkout,
-#     whose evaluated rows are not computed again (gpu_tables run --seed).
+# $3 (optional, may be ""): comma-separated result directories of earlier runs in the
+#     checkout, whose evaluated rows are not computed again (gpu_tables run --seed);
+# the rest: further flags of `gpu_tables run` (--variant gpu, --job TABLE:ROW,...); the
+#     work directory is runs/<variant> (runs/gpu10k by default).
 set -euo pipefail
 out=${1:?usage: gpu_tables_device.sh OUT DEADLINE_S}
 deadline=${2:?usage: gpu_tables_device.sh OUT DEADLINE_S}
@@ -24,5 +26,5 @@ export IEC_JAX_CACHE=$dev/iec_cache JAX_COMPILATION_CACHE_DIR=$dev/jax_cache
   python3 -c "import sys, jax, flax, numpy; print(sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__, jax.devices())"
 } 2>&1 | tee "$out/machine.txt"
 # No pipe after the driver: its log goes to $out/driver.log line by line.
-python3 -m experiments.gpu_tables run --bundle .device --workdir runs/gpu10k --out "$out" \
-    --deadline_s "$deadline" --row_margin_s 120 --assembly_s 60 ${3:+--seed "$3"}
+python3 -m experiments.gpu_tables run --bundle .device --out "$out" \
+    --deadline_s "$deadline" --row_margin_s 120 --assembly_s 60 ${3:+--seed "$3"} "${@:4}"

@@ -101,6 +101,27 @@ def test_gpu_tables_workers_name_real_rows_and_snapshots_are_small(tmp_path):
     assert os.listdir(tmp_path / "out") == ["tables.tar.gz"]
 
 
+def test_gpu_tables_jobs_pick_rows_of_the_variant():
+    """``run --job``: one worker per flag, each row checked against the variant's table
+    before a lease is spent; none given: the full ``WORKERS``. The ``gpu`` variant is the
+    official count and batch (50,000 in batches of 500) with gpu10k's evaluation."""
+    from configs.fmnist import table as tables
+    from experiments import gpu_tables
+
+    assert gpu_tables.parse_jobs([], "gpu") is gpu_tables.WORKERS
+    jobs = gpu_tables.parse_jobs(["table2:FP", "table2:DeepCache N=10, DeepCache N=10 + IEC"],
+                                 "gpu")
+    assert jobs == ((("table2", ["FP"]),),
+                    (("table2", ["DeepCache N=10", "DeepCache N=10 + IEC"]),))
+    for bad, match in (("table2", "TABLE:ROW"), ("table2:", "TABLE:ROW"),
+                       ("tableX:FP", "TABLE:ROW"), ("table2:FP,W8A8", "has no rows")):
+        with pytest.raises(ValueError, match=match):
+            gpu_tables.parse_jobs(["table1:FP", bad], "gpu")
+    gpu, g10 = tables.table_config("table2", "gpu"), tables.table_config("table2", "gpu10k")
+    assert (gpu.num_samples, gpu.batch_size, gpu.shard_size) == (50_000, 500, 5_000)
+    assert gpu.eval == g10.eval and gpu.rows == g10.rows
+
+
 def test_gpu_tables_snapshot_of_rows_computed_here(tmp_path):
     """``snapshot`` packs a work directory computed on this machine as a result directory
     that ``collect`` reads: evaluated rows only (a sampled, unevaluated row would be
