@@ -216,11 +216,14 @@ def test_gpu_tables_collect_extracts_and_records_the_machine(tmp_path):
     assert not (work / "rows" / "X").exists()  # nothing written from a refused archive
 
 
-def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
-    """The H200 snapshots kept in docs/device seed the next lease's work directory
-    (gpu_tables_device.sh's third argument): a seeded row whose row.json no longer
-    matches what the current code would write would stop its worker on the GPU. So every
-    seeded row must match today's gpu10k row settings (model path as sampled there)."""
+@pytest.mark.parametrize("folder, variant, min_rows", [("device", "gpu10k", 8),
+                                                       ("device_gpu50k", "gpu", 7)])
+def test_device_snapshots_still_seed_the_tables(tmp_path, folder, variant, min_rows):
+    """The H200 snapshots kept in docs/device (gpu10k) and docs/device_gpu50k (gpu) seed
+    the next lease's work directory (gpu_tables_device.sh's third argument): a seeded row
+    whose row.json no longer matches what the current code would write would stop its
+    worker on the GPU. So every seeded row must match today's row settings of its variant
+    (model path as sampled there)."""
     import json
     import types
 
@@ -230,7 +233,7 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
 
     from pathlib import Path
 
-    runs = sorted(p.parent for p in (Path(ROOT) / "docs" / "device").glob("*/tables.tar.gz"))
+    runs = sorted(p.parent for p in (Path(ROOT) / "docs" / folder).glob("*/tables.tar.gz"))
     assert runs, "no device snapshots"
     work = tmp_path / "seeded"
     gpu_tables.extract(runs, work)
@@ -239,8 +242,12 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
 
     fingerprint = model_fingerprint(*load_unet(SHARED))
     defs, fakes = {}, {}
-    for table in ("table1", "table2", "table3", "table5"):
-        c = tables.table_config(table, "gpu10k")
+    present = [t for t in ("table1", "table2", "table3", "table5")
+               if (work / f"{t}_config.json").exists()]
+    assert present
+    for table in present:
+        c = tables.table_config(table, variant)
+        assert json.loads((work / f"{table}_config.json").read_text())["num_samples"] == c.num_samples
         # As on the device: the checkpoint at the path the rows were sampled with.
         c.model.source = json.loads((work / f"{table}_config.json").read_text())["model"]["source"]
         # Table's own row_meta / normalize on the config alone (no checkpoint loaded).
@@ -253,7 +260,7 @@ def test_device_snapshots_still_seed_the_gpu10k_tables(tmp_path):
             defs[row.slug] = reproduce.Table.row_meta(fake, row)
             fakes[row.slug] = fake
     seeded = sorted(p.parent.name for p in (work / "rows").glob("*/row.json"))
-    assert len(seeded) >= 8
+    assert len(seeded) >= min_rows
     for slug in seeded:
         stored = json.loads((work / "rows" / slug / "row.json").read_text())
         fake = fakes[slug]
