@@ -206,6 +206,35 @@ def test_only_selects_rows(tiny_run):
         reproduce.run(c, str(work))
 
 
+def test_rows_keep_the_configs_of_the_runs_that_made_them(tiny_run, tmp_path):
+    """A later run in the same work directory rewrites ``tiny_config.json`` (here with
+    another ``only``); each row's ``row_config.json`` keeps the config of every run that
+    sampled or evaluated it, and is appended to only by such a run."""
+    import shutil
+
+    work, _ = tiny_run
+    first = _config().to_dict()
+    for row in ("FP", "CacheQuant_W8A8_N_2", "CacheQuant_W8A8_N_2_plus_IEC"):
+        runs = json.loads((work / "rows" / row / "row_config.json").read_text())["runs"]
+        assert runs[0]["config"] == json.loads(json.dumps(first)), row
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    before = (copy / "rows" / "FP" / "row_config.json").read_text()
+    c = _config()
+    c.only = "FP,CacheQuant W8A8 N=2"  # both evaluated: read, not run again
+    reproduce.run(c, str(copy))
+    assert json.loads((copy / "tiny_config.json").read_text())["only"] == c.only
+    assert (copy / "rows" / "FP" / "row_config.json").read_text() == before
+    (copy / "rows" / "CacheQuant_W8A8_N_2" / "metrics.json").unlink()
+    c.eval.inception_batch_size = 2
+    reproduce.run(c, str(copy))  # evaluates that row again (from its samples)
+    runs = json.loads((copy / "rows" / "CacheQuant_W8A8_N_2" / "row_config.json").read_text())["runs"]
+    assert [r["config"].get("only") for r in runs] == [first.get("only"), c.only]
+    assert runs[1]["config"]["eval"]["inception_batch_size"] == 2
+    assert runs[0]["started"] <= runs[1]["started"]
+    assert (copy / "rows" / "FP" / "row_config.json").read_text() == before
+
+
 def test_time_budget_leaves_out_unfinished_rows(tiny_run, tmp_path):
     work, results = tiny_run
     c = _config()

@@ -16,6 +16,11 @@ controls). For every row the job writes, under ``<workdir>/rows/<row>/``:
 * ``progress.json`` — sampling seconds, samples and NFE accumulated shard by shard, and
   the machine that sampled (``device``; on a CPU with its model name) — every machine
   of a row resumed over several sittings in ``devices``;
+* ``row_config.json`` — the whole config of every run that sampled or evaluated the row
+  (``runs``: a list, appended each time, with the run's start time), so that the
+  table-level ``table1_config.json``, rewritten by every later run in the same work
+  directory (another ``only``, batch size, ...), is not the only record of how a row
+  was made;
 * ``trajectory.npz`` — the float trajectory of the first ``trajectory_samples`` samples;
 * ``metrics.json``, ``l2.json``, ``error_growth.json`` — the row's FID / sFID /
   precision / recall, its L2 distance to the FP samples and its per-step distance to the
@@ -486,9 +491,20 @@ def _float_shards(directory, config) -> pipeline.SampleShards:
     return pipeline.SampleShards(directory, config.num_samples, config.shard_size, np.float32)
 
 
-def _run_row(table: Table, row: RowSpec, rowdir: str) -> dict:
+def _record_run(rowdir: str, config, started: float) -> None:
+    """Appends the run's whole config to the row's ``row_config.json``."""
+    import json
+
+    path = os.path.join(rowdir, "row_config.json")
+    runs = json.loads(Path(path).read_text())["runs"] if os.path.exists(path) else []
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    write_json(path, dict(runs=runs + [dict(started=stamp, config=config.to_dict())]))
+
+
+def _run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
     config = table.config
     _check_row_dir(rowdir, table.row_meta(row), table.normalize)
+    _record_run(rowdir, config, started)
     t0 = time.time()
     factory, fparams = table.denoiser(row)
     _say(f"{row.name}: model built (calibrated where its artifacts were missing)", t0)
@@ -836,7 +852,7 @@ def run(config, workdir: str) -> list[dict]:
             continue
         else:
             print(f"[{i + 1}/{len(order)}] {row.name}", flush=True)
-            res = _run_row(table, row, rowdir)
+            res = _run_row(table, row, rowdir, start)
             t0 = time.time()
             m = _cached(metrics_path, metrics_key,
                         lambda: compute_metrics(res["features"], refstats,
