@@ -27,7 +27,7 @@ def table_config(table: str, arg=None):
     if arg in (None, ""):
         pass
     elif arg in ("gpu", "gpu10k"):
-        if arg == "gpu":  # the official CIFAR-10 script's count and batch (PAPER.md §5)
+        if arg == "gpu":  # the official CIFAR-10 script's count and batch (PAPER.md §5.2)
             c.num_samples, c.batch_size, c.shard_size = 50_000, 500, 5_000
         else:
             c.num_samples, c.batch_size, c.shard_size = 10_000, 1_000, 2_000
