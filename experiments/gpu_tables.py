@@ -187,7 +187,7 @@ def _restore(bundle: Path, split: str) -> None:
 def parse_jobs(specs, variant: str) -> tuple:
     """``--job`` values ('TABLE:ROW,ROW,...', one worker each) as a ``WORKERS``-shaped
     tuple, every row checked against the variant's table here, before a lease's time is
-    spent (None: ``WORKERS``)."""
+    spent (no specs: ``WORKERS``)."""
     if not specs:
         return WORKERS
     workers = []
@@ -301,13 +301,15 @@ def run(bundle: Path, workdir: str, out: Path, deadline_s: float, variant: str,
     if _SEED.value:
         extract([ROOT / d for d in _SEED.value], Path(workdir))
         say(f"seeded {workdir} with the evaluated rows of {', '.join(_SEED.value)}")
-    say(f"restore (bundle {bundle})")
+    say(f"restore (bundle {os.path.relpath(bundle)})")
     # In a child process: its GPU memory is released before the workers start.
     subprocess.run([sys.executable, "-m", "experiments.gpu_tables", "restore",
                     f"--bundle={bundle}", f"--variant={variant}"], check=True,
                    timeout=max(1.0, deadline_s - _ASSEMBLY_S.value),
                    env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
-    model = str(bundle / MODEL_DIR)
+    # Relative to the working directory the workers inherit (the repository root, as
+    # for --workdir): the rows' configs then name no machine's absolute path.
+    model = os.path.relpath(bundle / MODEL_DIR)
     row_deadline = start + deadline_s - _ROW_MARGIN.value  # no row starts after this
     stop_at = start + deadline_s - _ASSEMBLY_S.value  # workers still busy are stopped
     # The workers share the CPU too: unlimited BLAS pools (numpy's eigh in the Fréchet
@@ -441,13 +443,13 @@ def collect(results: list, workdir: Path) -> None:
         c = json.loads(cfg.read_text())
         table = c["table"]
         variant = _VARIANT.value
-        source = c["model"]["source"]
-        if not Path(source, "config.json").exists():
+        source = c["model"]["source"]  # absolute, or relative to the repository root
+        if not (ROOT / source / "config.json").exists():
             raise FileNotFoundError(f"{table}'s rows were sampled with the checkpoint at"
                                     f" {source}, which is not here: run `pack` first")
         cmd = _job_cmd(table, None, str(workdir), variant, 0, source, lease=False)
         print("$ python " + " ".join(cmd[1:]), flush=True)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             raise RuntimeError(f"assembling {table} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
         print((workdir / f"{table}.md").read_text())

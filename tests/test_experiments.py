@@ -247,9 +247,10 @@ def test_device_snapshots_still_seed_the_tables(tmp_path, folder, variant, min_r
     assert present
     for table in present:
         c = tables.table_config(table, variant)
-        assert json.loads((work / f"{table}_config.json").read_text())["num_samples"] == c.num_samples
+        sampled = json.loads((work / f"{table}_config.json").read_text())
+        assert sampled["num_samples"] == c.num_samples
         # As on the device: the checkpoint at the path the rows were sampled with.
-        c.model.source = json.loads((work / f"{table}_config.json").read_text())["model"]["source"]
+        c.model.source = sampled["model"]["source"]
         # Table's own row_meta / normalize on the config alone (no checkpoint loaded).
         fake = types.SimpleNamespace(config=c, _legacy_sources={}, model_key=dict(
             name=c.model.name, dtype=c.model.dtype, fingerprint=fingerprint))

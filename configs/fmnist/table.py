@@ -7,8 +7,9 @@ calibration as the official CIFAR-10 scripts (512 FP samples, 64 / 32 per full /
 step). FID against the 10,000-image test split (samples centre-cropped 32 → 28).
 
 Variants (``:arg``): none = 10,000 samples per row (the CPU size of the issue);
-``gpu`` = 50,000 samples in batches of 500 (the official CIFAR-10 setting); ``gpu10k`` = 10,000 samples in batches of
-1,000 (what one 15-minute GPU lease affords: ``experiments/gpu_tables.py``); these three
+``gpu`` = 50,000 samples in batches of 500 (the official CIFAR-10 setting); ``gpu10k`` =
+10,000 samples in batches of 1,000 (what one 15-minute GPU lease affords:
+``experiments/gpu_tables.py``); these three
 report FID∞ (15 nested subsets of N/4 to N samples) beside FID; ``quick`` = 500 samples per row, 128
 calibration samples with 16 / 8 per full / cached step (the activation search costs
 ~0.5 s per sample and step on a 2-core CPU); ``smoke`` = a few samples, 10 steps (tests).
@@ -27,10 +28,9 @@ def table_config(table: str, arg=None):
     if arg in (None, ""):
         pass
     elif arg in ("gpu", "gpu10k"):
-        if arg == "gpu":  # the official CIFAR-10 script's count and batch (PAPER.md §5.2)
-            c.num_samples, c.batch_size, c.shard_size = 50_000, 500, 5_000
-        else:
-            c.num_samples, c.batch_size, c.shard_size = 10_000, 1_000, 2_000
+        # gpu: the official CIFAR-10 script's count and batch (PAPER.md §5.2)
+        c.num_samples, c.batch_size, c.shard_size = {"gpu": (50_000, 500, 5_000),
+                                                      "gpu10k": (10_000, 1_000, 2_000)}[arg]
         c.eval.inception_batch_size = 500
         c.eval.frechet_method = "eigh"  # symmetric form, same quantity; faster than sqrtm
     elif arg == "quick":
