@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
+    "clu==0.0.12",  # clu.metrics and clu.parameter_overview in training
     "chex==0.1.92",
     "ml_collections==1.1.0",
     "absl-py==2.5.1",
@@ -24,6 +25,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "importlib_resources==7.1.0",
     "array_record==0.8.6",
+    # CLIP's BPE tokenizer for text-conditional models (reads local vocabulary files).
+    "tokenizers==0.23.3",
 ]
 
 EXTRAS = {
@@ -41,8 +44,12 @@ EXTRAS = {
         "filetype==1.2.0",
     ],
 }
-EXTRAS["test"] = EXTRAS["torch"] + [
+# TensorBoard event files from training: clu's metric writers need TensorFlow.
+EXTRAS["tensorboard"] = ["tensorflow-cpu==2.21.0"]
+EXTRAS["test"] = EXTRAS["torch"] + EXTRAS["tensorboard"] + [
     "pytest==9.2.0",
+    # The PyTorch CLIP text encoder the Flax port is tested against.
+    "transformers==5.25.0",
 ]
 
 setuptools.setup(
@@ -50,6 +57,8 @@ setuptools.setup(
     version="0.1.0",
     description="Test-Time Iterative Error Correction for efficient diffusion models, in JAX/Flax.",
     packages=setuptools.find_packages(include=["iec_jax", "iec_jax.*"]),
+    # The bundled checkpoints (iec_jax/assets/<name>/..., found by name at run time).
+    package_data={"iec_jax": ["assets/**/*"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -2,7 +2,7 @@
 
 Command (picks the setting from the JAX backend; no edits needed between machines):
   python -m experiments.bench --config configs/bench.py --workdir runs/bench
-Variants: ``:cpu`` (the shared fmnist checkpoint, batch 64, float32 only),
+Variants: ``:cpu`` (the bundled fmnist-ddpm checkpoint, batch 64, float32 only),
           ``:gpu`` (the 35.7M DDPM CIFAR-10 architecture with random weights, batch 500,
           float32 and bfloat16), ``:smoke`` (tests: batch 2, 4 steps, no torch.compile).
 Targets (issue 3): CPU: JAX at least as fast per NFE as PyTorch eager. GPU: ≥ 1.5×
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
 
         arg = "gpu" if jax.default_backend() == "gpu" else "cpu"
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(source="../shared/models/fmnist-ddpm"))
+    c.model = ml_collections.ConfigDict(dict(source="fmnist-ddpm"))
     c.schedule = ml_collections.ConfigDict(
         dict(kind="linear", beta_start=1e-4, beta_end=0.02, num_timesteps=1000, final_alpha="one")
     )

@@ -1,10 +1,10 @@
-"""The rows of the paper's Tables 1, 2, 3 and 5 (PAPER.md §5.4, §7), shared by the
+"""The rows of the paper's Tables 1, 2, 3 and 5 (docs/semantics.md §5.2), shared by the
 Fashion-MNIST and CIFAR-10 table configs.
 
 Every row carries the paper's CIFAR-10 number for its cell (``paper_fid``) and, for the
 "+IEC" rows, the paper's relative FID gain over the row it improves (``paper_gain``).
 IEC runs the official DDPM path (``official_ddpm``: one correction, step 0.5, relative
-tolerance 1e-3; PAPER.md §3.3): at every step without a cache (PTQ rows), at the
+tolerance 1e-3; docs/semantics.md §2.2): at every step without a cache (PTQ rows), at the
 full-compute steps with one (cache rows). K = 2, 3 use the official code's γ^k step sizes
 (max_iter = K + 1: 0.5, 0.25, 0.125).
 

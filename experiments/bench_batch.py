@@ -29,7 +29,7 @@ from iec_jax import metrics  # noqa: E402
 from iec_jax.io import enable_compilation_cache, host_cpu, write_json  # noqa: E402
 from iec_jax.pipeline import data_mesh  # noqa: E402
 from iec_jax.run.bench import _median_time  # noqa: E402
-from iec_jax.run.common import load_unet, unet_denoiser  # noqa: E402
+from iec_jax.models.loading import load_unet, unet_denoiser  # noqa: E402
 
 
 def _sizes(text: str) -> list[int]:
@@ -82,7 +82,7 @@ def inception_ms_per_image(batch_sizes: list[int], images: int, repeats: int) ->
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="../shared/models/fmnist-ddpm")
+    ap.add_argument("--model", default="fmnist-ddpm")
     ap.add_argument("--unet", type=_sizes, default=_sizes("64,128,256,1000"))
     ap.add_argument("--inception", type=_sizes, default=_sizes("64,500"))
     ap.add_argument("--images", type=int, default=500, help="images per Inception timing")

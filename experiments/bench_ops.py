@@ -5,7 +5,7 @@
 
 Prints, for the fmnist UNet's layer shapes at batch 64: a 3×3 convolution and
 GroupNorm + SiLU in XLA and in PyTorch (median of 5 runs after a warm-up), and one
-forward pass of the shared fmnist UNet (batch 64) in JAX, sharded over all devices, and
+forward pass of the bundled reference UNet fmnist-ddpm (batch 64) in JAX, sharded over all devices, and
 in PyTorch eager.
 """
 
@@ -26,9 +26,9 @@ import torch  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from iec_jax.pipeline import data_mesh  # noqa: E402
-from iec_jax.run.common import load_unet, unet_denoiser  # noqa: E402
+from iec_jax.models.loading import load_unet, unet_denoiser  # noqa: E402
 
-SHARED = "../shared/models/fmnist-ddpm"
+SHARED = "fmnist-ddpm"  # a bundled checkpoint, by name
 
 
 def _ms(fn, *args):

@@ -17,4 +17,4 @@ from iec_jax.run import reproduce  # noqa: E402
 from iec_jax.run.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    run_job(reproduce.calibrate, what="Table")
+    run_job(reproduce.calibrate, what="Table", settings=reproduce.table_settings)

@@ -1,7 +1,7 @@
 r"""Convert a PyTorch UNet checkpoint into an iec_jax checkpoint (orbax params + config JSON).
 
     # a diffusers UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors/.bin)
-    python -m experiments.convert --src ../shared/models/fmnist-ddpm --dst runs/models/fmnist-ddpm
+    python -m experiments.convert --src iec_jax/assets/fmnist-ddpm --dst runs/models/fmnist-ddpm
 
     # the original DDPM CIFAR-10 checkpoint (pytorch_diffusion layout, as the official IEC
     # code loads it), with the DDPM CIFAR-10 architecture
@@ -26,15 +26,17 @@ flags.DEFINE_string(
     " architecture (default: DDPM CIFAR-10).",
 )
 flags.DEFINE_bool("overwrite", False, "Replace an existing --dst.")
-flags.mark_flags_as_required(["src", "dst"])
+flags.DEFINE_bool("traceback", False, "Show full tracebacks for refused input.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
+    from iec_jax.run.cli import refuse
+
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        refuse("convert", ValueError(f"unexpected arguments {argv[1:]}"))
     if FLAGS.config is not None and FLAGS.layout != "ddpm_original":
-        raise app.UsageError("--config applies to --layout ddpm_original only")
+        refuse("convert", ValueError("--config applies to --layout ddpm_original only"))
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every read and write at INFO
     from iec_jax.models import checkpoint, convert, unet
@@ -48,7 +50,9 @@ def main(argv):
             FLAGS.src, FLAGS.dst, layout=FLAGS.layout, config=config, overwrite=FLAGS.overwrite
         )
     except (ValueError, OSError) as e:  # bad input: the message says what is wrong
-        raise SystemExit(f"convert: {e}") from None
+        if FLAGS.traceback:
+            raise
+        refuse("convert", e)
     _, params = checkpoint.load_checkpoint(result["dst"])  # verifies what was written
     print(f"converted {result['source']['path']} ({FLAGS.layout}) -> {result['dst']} in {result['seconds']:.1f} s")
     print(f"parameters: {result['num_params']:,}")
@@ -56,4 +60,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from iec_jax.run.cli import flags_parser
+
+    app.run(main, flags_parser=flags_parser("convert", ("src", "dst")))

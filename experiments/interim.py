@@ -6,7 +6,7 @@
 Same config and workdir as the experiments.reproduce run it reads; safe beside it (it
 writes only the features of finished shards, which that run then reuses). Writes
 <table>_interim.md and <table>_interim.json to the workdir (see
-iec_jax/run/reproduce.py: interim).
+iec_jax/run/reproduce/interim.py).
 """
 
 from iec_jax.io import use_all_cpu_cores
@@ -17,4 +17,4 @@ from iec_jax.run import reproduce  # noqa: E402
 from iec_jax.run.cli import run_job  # noqa: E402
 
 if __name__ == "__main__":
-    run_job(reproduce.interim, what="Table")
+    run_job(reproduce.interim, what="Table", settings=reproduce.table_settings)

@@ -2,6 +2,9 @@
 
   python -m experiments.propagation --config configs/oracle/propagation.py \
       [--workdir runs/propagation] [--config.iec.preset=paper] ...
+
+Writes errors.csv, summary.csv, summary.md, spectral.csv, propagation.png and
+config.json to the workdir and prints the summary table (iec_jax/run/propagation.py).
 """
 
 from iec_jax.io import use_all_cpu_cores

@@ -14,7 +14,7 @@ use_all_cpu_cores()  # before JAX initialises: one host device per core
 from absl import app, flags
 
 from iec_jax.io import enable_compilation_cache
-from iec_jax.run.evaluate import reference_features
+from iec_jax.metrics.reference import reference_features
 
 _DATASET = flags.DEFINE_string("dataset", "fashion_mnist", "TFDS dataset (see iec_jax.data).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split or TFDS slice, e.g. 'train', 'test[:1000]'.")

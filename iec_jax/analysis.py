@@ -1,4 +1,4 @@
-"""Error-propagation analysis (PAPER.md §2.2-§2.3, §4).
+"""Error-propagation analysis (docs/semantics.md §8).
 
 * :func:`paired_trajectories` runs a reference and an efficient denoiser, each with and
   without IEC, from the same x_T and keys, and returns the four trajectories.
@@ -10,7 +10,7 @@
   iteration, where J = ∂ε/∂x at (x, t). With (a, b) = (A_t, B_t) this is the paper's
   propagation factor ‖A_t + B_t J_t‖; with (1-λ, λB_t) it is the IEC contraction factor
   ‖∇G‖ = ‖(1-λ)I + λB_t J_t‖. (The official helper ``compute_spectral_radius`` detaches
-  ε, so its "Jacobian" is (1/sqrt(ᾱ_t) - 1)·I; see PAPER.md §2.3.)
+  ε, so its "Jacobian" is (1/sqrt(ᾱ_t) - 1)·I; see docs/semantics.md §7 item 16.)
 
 J is the Jacobian of each sample's ε with respect to that sample's input, so the network
 must treat samples independently (true of UNets with GroupNorm and of the oracle).

@@ -6,9 +6,9 @@ of the implicit step
     x_s = A_t x_t + B_t ε(x_s, t)        (ε at the *estimate of x_s*, with timestep t)
 
 by  y ← y + λ_k (F(y) - y),  F(y) = DDIM(x_t, ε(y, t)),  starting from the ordinary DDIM
-step y₀ = DDIM(x_t, ε(x_t, t)). F always rebuilds from the fixed x_t (PAPER.md §3).
+step y₀ = DDIM(x_t, ε(x_t, t)). F always rebuilds from the fixed x_t (docs/semantics.md §2).
 
-Three presets reproduce the three published variants exactly (PAPER.md §3.1-§3.4):
+Three presets reproduce the three published variants exactly (docs/semantics.md §2.1-§2.4):
 
 ============  =====  ============  =========  =========================================
 preset        K      step sizes    tolerance  stop test
@@ -25,21 +25,59 @@ when it fires. "absolute, after the update" is the paper's Algorithm 1:
 norms over the whole batch (``convergence="batch"``, one decision for all samples, as in
 the official code) or per sample (``convergence="per_sample"``: a converged sample stops
 changing while the others go on).
+
+Two further options change *where* the correction evaluates ε:
+
+* ``plms_mode`` and ``history`` (IEC on the PLMS sampler, ``sample(..., method="plms")``;
+  docs/semantics.md §2.6). With ``plms_mode="ddim"`` (default) pass 0 is the ordinary
+  PLMS step and each correction relaxes towards F(y) = D_t(x_t, ε(y, t)) — the official
+  LDM loop with the PLMS step as its first iterate, 1 evaluation per correction. With
+  ``plms_mode="plms"`` it relaxes towards F(y) = D_t(x_t, P_i(ε(y, t))), P_i the step's own
+  multistep combination (Adams–Bashforth on the history for i ≥ 1, 1 evaluation; at
+  i = 0 Heun's pair, whose second evaluation ε(D_t(x_t, ε(y, t)), t_1) is redone: 2
+  evaluations). ``history="first_pass"`` (default) stores the ordinary pass's ε(x_i, t_i)
+  as step i's entry of the multistep history; ``history="last_correction"`` stores the
+  ε(y, t_i) of the step's last evaluation instead (one entry per step either way, so the
+  Adams–Bashforth weights keep their meaning).
+* ``eval_at="next"`` evaluates the corrections at (y, s), s the step's successor
+  timestep, instead of (y, t). One such correction with λ = 0.5 is Heun's method in the
+  DDIM parametrization (:meth:`IECConfig.heun`): since the η = 0 DDIM map
+  D_t(x_t, e) = A_t x_t + B_t e is affine in e,
+
+      y₀ + ½ (D_t(x_t, ε(y₀, s)) - y₀) = ½ D_t(x_t, ε(x_t, t)) + ½ D_t(x_t, ε(y₀, s))
+                                        = D_t(x_t, (ε(x_t, t) + ε(y₀, s)) / 2),
+
+  with y₀ = D_t(x_t, ε(x_t, t)) the Euler (DDIM) predictor. In the variables
+  x̄ = x / √ᾱ and σ = √((1 - ᾱ)/ᾱ) the DDIM map is the Euler step x̄_s = x̄_t +
+  (σ_s - σ_t) ε of dx̄/dσ = ε, so this is the trapezoidal predictor–corrector (Heun):
+  second order. The last step has no successor timestep and stays a DDIM (Euler) step.
+
+Step indices and state of evaluations at the successor timestep (Heun's second
+evaluation, in PLMS's first step and with ``eval_at="next"``): an evaluation with the
+timestep t_{i+1} of step i + 1 is passed ``step = i + 1`` — the quantizer tables and
+the cache decision of the step whose timestep it uses (under a uniform cache schedule it
+is therefore a cached pass, as in the official Stable Diffusion code) — and it sees the
+state produced by the ordinary evaluation of step i that precedes it. It is counted in
+step i's ``nfe``, as a full or partial pass according to step i + 1's schedule
+(``info["nfe_full"]``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["IECConfig", "PRESETS", "STEP_SELECTIONS", "run_corrections"]
+__all__ = ["IECConfig", "PRESETS", "STEP_SELECTIONS", "Corrections", "run_corrections"]
 
 STEP_SELECTIONS = ("all", "full_compute", "head_tail", "first", "mask")
+PLMS_MODES = ("ddim", "plms")
+HISTORIES = ("first_pass", "last_correction")
+EVAL_AT = ("current", "next")
 _NORMS = ("relative", "absolute")
 _CHECKS = ("before_update", "after_update")
 _CONVERGENCE = ("batch", "per_sample")
@@ -74,6 +112,18 @@ class IECConfig:
         every step is full-compute and this has no effect.
       keep_first_pass_state: carry the state of the step's first (ordinary) evaluation
         instead of the last correction's (the official code overwrites the cache).
+      plms_mode: with ``method="plms"``: ``"ddim"`` (corrections towards
+        D_t(x_t, ε(y, t)), 1 evaluation each) or ``"plms"`` (towards
+        D_t(x_t, P_i(ε(y, t))), the step's multistep combination; 2 evaluations at the
+        first step). docs/semantics.md §2.6.
+      history: with ``method="plms"``: which ε enters the multistep history for a
+        corrected step: ``"first_pass"`` (the ordinary pass's ε(x_i, t_i), as the PLMS
+        code stores it) or ``"last_correction"`` (the ε(y, t_i) of the step's last
+        evaluation; per sample: its last evaluation while it was not converged).
+      eval_at: ``"current"`` (ε at (y, t): IEC) or ``"next"`` (ε at (y, s), s the
+        successor timestep: with one correction of λ = 0.5, Heun's method; see
+        :meth:`heun`). ``"next"`` never corrects the last step and needs
+        ``method="ddim"``.
     """
 
     step_sizes: tuple = (0.5,)
@@ -87,6 +137,9 @@ class IECConfig:
     mask: Optional[tuple] = None
     full_compute_only: bool = True
     keep_first_pass_state: bool = False
+    plms_mode: str = "ddim"
+    history: str = "first_pass"
+    eval_at: str = "current"
 
     def __post_init__(self):
         try:
@@ -107,6 +160,9 @@ class IECConfig:
             ("tolerance_check", _CHECKS),
             ("convergence", _CONVERGENCE),
             ("steps", STEP_SELECTIONS),
+            ("plms_mode", PLMS_MODES),
+            ("history", HISTORIES),
+            ("eval_at", EVAL_AT),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(
@@ -120,6 +176,21 @@ class IECConfig:
             object.__setattr__(self, "mask", tuple(bool(m) for m in self.mask))
         if (self.steps == "mask") != (self.mask is not None):
             raise ValueError("IECConfig.mask must be given exactly when steps='mask'")
+
+    def check_method(self, method: str) -> None:
+        """Raise (naming the field) if an option does not apply to the sampler ``method``."""
+        if method != "plms":
+            for field, default in (("plms_mode", "ddim"), ("history", "first_pass")):
+                if getattr(self, field) != default:
+                    raise ValueError(
+                        f"IECConfig.{field}={getattr(self, field)!r} only applies to"
+                        f" method='plms', got method={method!r}"
+                    )
+        if method != "ddim" and self.eval_at != "current":
+            raise ValueError(
+                f"IECConfig.eval_at={self.eval_at!r} (Heun's method) is defined for"
+                f" method='ddim' only, got method={method!r}"
+            )
 
     # -------------------------------------------------------------------- presets
     @property
@@ -163,6 +234,24 @@ class IECConfig:
             tolerance_norm="absolute",
             tolerance_check="after_update",
             convergence="batch",
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def heun(cls, **overrides) -> "IECConfig":
+        """Heun's method as a compute-matched control (not an IEC variant): one
+        correction of λ = 0.5 that evaluates ε at (y, s) instead of (y, t), never stopped
+        early (absolute test with tolerance 0). Each step but the last becomes
+        x_s = D_t(x_t, (ε(x_t, t) + ε(D_t(x_t, ε(x_t, t)), s)) / 2) at 2 evaluations; the
+        last step stays DDIM. Step selections (``steps``, ``full_compute_only``) apply as
+        for IEC."""
+        base = dict(
+            step_sizes=(0.5,),
+            tolerance=0.0,
+            tolerance_norm="absolute",
+            tolerance_check="after_update",
+            convergence="batch",
+            eval_at="next",
         )
         return cls(**{**base, **overrides})
 
@@ -219,6 +308,9 @@ class IECConfig:
             sel = np.asarray(self.mask, bool)
         if full_pass is not None and (self.full_compute_only or self.steps == "full_compute"):
             sel = sel & np.asarray(full_pass, bool)
+        if self.eval_at == "next" and S:
+            sel = sel.copy()
+            sel[-1] = False  # the last step has no successor timestep to evaluate at
         if self.num_corrections == 0:
             sel = np.zeros(S, bool)
         return sel
@@ -228,6 +320,7 @@ PRESETS = {
     "official_ddpm": IECConfig.official_ddpm,
     "official_ldm": IECConfig.official_ldm,
     "paper": IECConfig.paper,
+    "heun": IECConfig.heun,
 }
 
 
@@ -239,6 +332,29 @@ def _norm(v, per_sample: bool):
     return jnp.full((v.shape[0],), jnp.sqrt(jnp.sum(jnp.square(v))))
 
 
+class Corrections(NamedTuple):
+    """What :func:`run_corrections` returns.
+
+    Attributes:
+      y: the returned iterate.
+      state: the carried state (the last evaluation's, per sample under per-sample
+        convergence; the first pass's with ``keep_first_pass_state``).
+      taken: updates applied per sample (B,) int32.
+      residual: the last measured stop quantity per sample (B,), NaN where none was.
+      iterations: corrections evaluated (scalar int32; each costs the caller's number of
+        network evaluations per correction).
+      last: the tracked per-sample value of each sample's last evaluation while it was
+        not converged (``aux0`` where nothing was evaluated); None without ``aux0``.
+    """
+
+    y: jax.Array
+    state: Any
+    taken: jax.Array
+    residual: jax.Array
+    iterations: jax.Array
+    last: Optional[jax.Array]
+
+
 def run_corrections(
     config: IECConfig,
     evaluate: Callable[[jax.Array], tuple],
@@ -247,24 +363,28 @@ def run_corrections(
     state0: Any,
     enabled: jax.Array,
     select_state: Callable,
-):
+    *,
+    aux0: Optional[jax.Array] = None,
+) -> Corrections:
     """The bounded fixed-point loop of one sampling step (a ``lax.while_loop``).
 
     Args:
       config: the IEC options.
-      evaluate: ``y -> (eps, state)``: the denoiser at (y, t) with the step's incoming
-        state and step index.
-      propose: ``(eps, k) -> F(y)``: the DDIM update from the fixed x_t with ε = eps,
+      evaluate: ``y -> (eps, state)``, or ``y -> (eps, state, aux)`` when ``aux0`` is
+        given: the network evaluation(s) of one correction (the denoiser at (y, t) with
+        the step's incoming state and step index, or whatever the caller's mode asks).
+      propose: ``(eps, k) -> F(y)``: the update from the fixed x_t with ε = eps,
         using the noise of pass k + 1.
-      y0: the ordinary DDIM step's output (the initial iterate).
+      y0: the ordinary step's output (the initial iterate).
       state0: the state produced by the ordinary evaluation.
       enabled: bool scalar: whether this step is corrected.
       select_state: ``(keep_new, new, old) -> state`` (per-sample merge).
+      aux0: optional per-sample array (B, ...) tracked through the loop: each sample
+        keeps the ``aux`` of its last evaluation while it was not converged (the PLMS
+        history entry of ``history="last_correction"``).
 
     Returns:
-      (y, state, corrections, residual, evaluations): the returned iterate; the carried
-      state; the updates applied per sample (B,); the last measured stop quantity per
-      sample (B,), NaN where nothing was measured; the number of evaluations (scalar).
+      a :class:`Corrections`.
     """
     b = y0.shape[0]
     per_sample = config.convergence == "per_sample"
@@ -272,11 +392,13 @@ def run_corrections(
     before = config.tolerance_check == "before_update"
     lams = jnp.asarray(config.step_sizes, dtype=y0.dtype)
     K = config.num_corrections
+    track = aux0 is not None
 
     def bcast(m, like):
         return m.reshape((b,) + (1,) * (like.ndim - 1))
 
-    # Loop state: k (evaluations so far), y, state, done (B,), taken (B,), residual (B,).
+    # Loop state: k (evaluations so far), y, state, done (B,), taken (B,), residual (B,),
+    # the tracked aux.
     init = (
         jnp.int32(0),
         y0,
@@ -284,15 +406,17 @@ def run_corrections(
         jnp.zeros((b,), bool),
         jnp.zeros((b,), jnp.int32),
         jnp.full((b,), jnp.nan, jnp.float32),
+        aux0 if track else jnp.zeros((), y0.dtype),
     )
 
     def cond(c):
-        k, _, _, done, _, _ = c
+        k, _, _, done, _, _, _ = c
         return enabled & (k < K) & ~jnp.all(done)
 
     def body(c):
-        k, y, st, done, taken, resid = c
-        eps, st_k = evaluate(y)
+        k, y, st, done, taken, resid, last = c
+        out = evaluate(y)
+        eps, st_k = out[0], out[1]
         y_new = propose(eps, k)
         lam = lams[k]
         step = y_new - y
@@ -305,6 +429,8 @@ def run_corrections(
         update = active & ~stop if before else active
         y = jnp.where(bcast(update, y), y + lam * step, y)
         st = select_state(active, st_k, st) if per_sample else st_k
+        if track:
+            last = jnp.where(bcast(active, last), out[2].astype(last.dtype), last)
         return (
             k + 1,
             y,
@@ -312,9 +438,10 @@ def run_corrections(
             done | stop,
             taken + update.astype(jnp.int32),
             jnp.where(active, r, resid),
+            last,
         )
 
-    k, y, st, _, taken, resid = jax.lax.while_loop(cond, body, init)
+    k, y, st, _, taken, resid, last = jax.lax.while_loop(cond, body, init)
     if config.keep_first_pass_state:
         st = state0
-    return y, st, taken, resid, k
+    return Corrections(y, st, taken, resid, k, last if track else None)

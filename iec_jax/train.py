@@ -54,12 +54,13 @@ complete. :func:`fit` restores the newest automatically and refuses a workdir wh
 ``config.json`` differs in a field that changes the run (see
 :data:`RESUMABLE_CHANGES`).
 
-Metrics: clu is not a dependency (its metric writers import TensorFlow; clu.metrics alone
-would import without it), so :class:`MeanMetrics`, a host-side mean in the spirit of
-``clu.metrics.Average``, averages the step metrics (loss, grad_norm, learning_rate,
-ema_decay) over each ``log_every`` window into one ``<workdir>/metrics.jsonl`` line and
-the absl log, with steps/s and examples/s (the first window after a (re)start includes
-the compile time).
+Metrics: the step metrics (loss, grad_norm, learning_rate, ema_decay) accumulate on the
+device in a ``clu.metrics.Collection`` of averages (:class:`TrainMetrics`) and are
+fetched once per ``log_every`` window: one ``<workdir>/metrics.jsonl`` line with steps/s
+and examples/s (the first window after a (re)start includes the compile time), the absl
+log, and — when clu's metric writers can be imported (their TensorFlow backend, the
+``tensorboard`` extra) — TensorBoard event files in the workdir. At the start the run
+prints ``clu.parameter_overview``'s table of the parameters.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax.struct
 import jax
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -99,7 +102,8 @@ __all__ = [
     "make_train_step",
     "array_batches",
     "dataset_batches",
-    "MeanMetrics",
+    "TrainMetrics",
+    "metric_writer",
     "open_checkpoints",
     "restore_or_init",
     "fit",
@@ -562,29 +566,28 @@ def dataset_batches(config: TrainConfig, start_step: int = 0) -> Iterator[np.nda
 
 
 # ---------------------------------------------------------------------- metrics
-class MeanMetrics:
-    """Averages of scalar step metrics over a window (clu.metrics.Average-like).
+@flax.struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    """Window averages of the step metrics, accumulated on the device (no host sync
+    until ``compute``)."""
 
-    ``update`` keeps the device arrays (no host sync); ``compute`` fetches them once.
-    """
+    loss: clu_metrics.Average.from_output("loss")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+    learning_rate: clu_metrics.Average.from_output("learning_rate")
+    ema_decay: clu_metrics.Average.from_output("ema_decay")
 
-    def __init__(self):
-        self._values: dict[str, list] = {}
 
-    def update(self, metrics: Mapping[str, Any]) -> None:
-        for name, value in metrics.items():
-            self._values.setdefault(name, []).append(value)
-
-    @property
-    def count(self) -> int:
-        return max((len(v) for v in self._values.values()), default=0)
-
-    def compute(self) -> dict[str, float]:
-        fetched = jax.device_get(self._values)
-        return {name: float(np.mean(np.asarray(v, np.float64))) for name, v in fetched.items()}
-
-    def reset(self) -> None:
-        self._values = {}
+def metric_writer(workdir: str):
+    """clu's default writer (TensorBoard event files in ``workdir`` plus logging), or
+    None where clu's metric writers cannot be imported (their backend, TensorFlow, is the
+    optional ``tensorboard`` extra)."""
+    try:
+        from clu import metric_writers
+    except ImportError:
+        logging.info("clu.metric_writers unavailable (no TensorFlow): metrics.jsonl and logs only")
+        return None
+    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
+                                                asynchronous=False)
 
 
 def _truncate_metrics(path: str, last_step: int) -> list[dict]:
@@ -703,7 +706,7 @@ def fit(
     if config.batch_size % mesh.size:
         _fail("batch_size", f"{config.batch_size} is not a multiple of the {mesh.size} devices")
     os.makedirs(workdir, exist_ok=True)
-    bar = None
+    bar = writer = None
     manager = open_checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
     try:
         latest = manager.latest_step()
@@ -718,12 +721,19 @@ def fit(
         else:
             logging.info("Training %s from scratch: %d parameters", workdir,
                          count_params(state.params))
+        overview = parameter_overview.get_parameter_overview(jax.device_get(state.params),
+                                                             include_stats=False)
+        print(overview, flush=True)
+        writer = metric_writer(workdir)
+        if writer is not None and not start_step:
+            writer.write_hparams({k: v for k, v in config.to_json_dict().items()
+                                  if isinstance(v, (int, float, str, bool))})
         metrics_path = os.path.join(workdir, METRICS_FILE)
         history = _truncate_metrics(metrics_path, start_step)
         step_fn = make_train_step(config, mesh)
         key = step_key(config)
         stream = (batches or functools.partial(dataset_batches, config))(start_step)
-        window = MeanMetrics()
+        window = TrainMetrics.empty()
         last = history[-1] if history else None
         final_loss = last["loss"] if last else None
         bar = tqdm(total=config.num_steps, initial=start_step, unit="step", desc="train",
@@ -740,15 +750,18 @@ def fit(
             if pending is not None:  # keep one step in flight: bounded host queue
                 jax.block_until_ready(pending)
             pending = metrics["loss"]
-            window.update(metrics)
+            window = window.merge(TrainMetrics.single_from_model_output(**metrics))
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.num_steps:
-                values = window.compute()
+                values = {k: float(v) for k, v in window.compute().items()}
+                count = int(window.loss.count)
                 elapsed = time.time() - window_start
-                row = dict(step=step, **values, steps_per_s=window.count / elapsed,
-                           examples_per_s=window.count * config.batch_size / elapsed,
+                row = dict(step=step, **values, steps_per_s=count / elapsed,
+                           examples_per_s=count * config.batch_size / elapsed,
                            wall_s=time.time() - start_time)
+                if writer is not None:
+                    writer.write_scalars(step, {k: v for k, v in row.items() if k != "step"})
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 logging.info("step %d: loss %.5f, grad_norm %.4f, lr %.3g, %.2f steps/s", step,
@@ -756,7 +769,7 @@ def fit(
                              row["steps_per_s"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 final_loss, last = values["loss"], row
-                window.reset()
+                window = TrainMetrics.empty()
                 window_start = time.time()
                 _check_finite(values["loss"], step)
             if step % config.checkpoint_every == 0 or step == config.num_steps:
@@ -769,6 +782,8 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+        if writer is not None:
+            writer.close()
         manager.close()
     summary = dict(
         start_step=start_step,

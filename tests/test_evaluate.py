@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from iec_jax.models.loading import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
+REFERENCE_MODEL = resolve_source("fmnist-ddpm")  # the bundled reference checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def env(tmp_path_factory):
 def _cmd(workdir, tmp):
     return [sys.executable, "-m", "experiments.evaluate",
             "--config", "configs/fmnist/evaluate.py:smoke", "--workdir", str(workdir),
-            f"--config.model.source={SHARED}", f"--config.eval.data_dir={tmp / 'tfds'}",
+            f"--config.model.source={REFERENCE_MODEL}", f"--config.eval.data_dir={tmp / 'tfds'}",
             f"--config.results_table={tmp / 'results.md'}"]
 
 

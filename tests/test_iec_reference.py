@@ -1,4 +1,4 @@
-"""Each IEC preset against a plain-Python float64 loop written from PAPER.md §3.1-§3.4.
+"""Each IEC preset against a plain-Python float64 loop written from docs/semantics.md §2.1-§2.4.
 
 The references below are deliberately literal transcriptions of the official loops
 (``adaptive_generalized_steps_3`` for DDPM, ``p_sample_ddim_implicit_2`` for LDM) and of
@@ -52,7 +52,7 @@ def ddim_coeffs(ac, final, t, s, eta):
 
 def reference_official_ddpm(gm, schedule, ts, x_T, eta=0.0, noise=None, interval=None,
                             tol=1e-3, gamma=0.5):
-    """``adaptive_generalized_steps_3`` (PAPER.md §3.3): max_iter 2 on the steps of
+    """``adaptive_generalized_steps_3`` (docs/semantics.md §2.2): max_iter 2 on the steps of
     interval_seq, relative Frobenius test on the whole batch before the update, cache
     overwritten by every full evaluation."""
     ac, final = schedule.alphas_cumprod, schedule.final_alpha_cumprod
@@ -95,7 +95,7 @@ def reference_official_ddpm(gm, schedule, ts, x_T, eta=0.0, noise=None, interval
 
 
 def reference_official_ldm(gm, schedule, ts, x_T, max_iter=3, tol=1e-6, gamma=0.5):
-    """``p_sample_ddim_implicit_2`` (PAPER.md §3.2) at η = 0 on every step."""
+    """``p_sample_ddim_implicit_2`` (docs/semantics.md §2.3) at η = 0 on every step."""
     ac, final = schedule.alphas_cumprod, schedule.final_alpha_cumprod
     x = np.asarray(x_T, np.float64).reshape(len(x_T), -1)
     taken = []

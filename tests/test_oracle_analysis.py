@@ -117,7 +117,7 @@ def test_spectral_norm_matches_dense_jacobian(gm, a, b):
 
 
 def test_the_official_detached_helper_would_be_degenerate(gm):
-    """PAPER.md §2.3: with ε detached, the 'Jacobian' of x0_hat(x) - x is
+    """docs/semantics.md §7 item 16: with ε detached, the 'Jacobian' of x0_hat(x) - x is
     (1/sqrt(ᾱ) - 1) I. Ours sees ε's Jacobian: the two differ."""
     eps_fn = gm.eps_fn(SCHEDULE)
     x = jax.random.normal(jax.random.key(5), (2, 2, 2))

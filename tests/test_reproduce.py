@@ -15,13 +15,14 @@ from configs.fmnist import table1, table2, table3, table5
 from iec_jax.run import reproduce
 from iec_jax.efficient import cache as cache_lib
 from iec_jax.efficient.methods import nonuniform_center
+from iec_jax.models.loading import resolve_source
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "models" / "fmnist-ddpm"
+REFERENCE_MODEL = resolve_source("fmnist-ddpm")  # the bundled reference checkpoint
 
 
 def _config():
-    c = table_config(str(SHARED), model_name="fmnist-ddpm")
+    c = table_config(str(REFERENCE_MODEL), model_name="fmnist-ddpm")
     c.name, c.table = "tiny", "tiny"
     c.bootstrap = 5
     c.num_samples, c.batch_size, c.shard_size, c.trajectory_samples = 4, 2, 4, 2
@@ -129,13 +130,12 @@ def test_row_dir_with_nothing_computed_takes_new_settings(tmp_path, capsys):
     row.mkdir(parents=True)
     (row / "samples").mkdir()  # an empty folder is nothing computed
     (row / "row.json").write_text(json.dumps({"steps": 10}))
-    same = lambda d: d  # noqa: E731
-    reproduce._check_row_dir(str(row), {"steps": 20}, same)
+    reproduce.spec.check_row_dir(str(row), {"steps": 20})
     assert json.loads((row / "row.json").read_text()) == {"steps": 20}
     assert "nothing computed under them; replaced" in capsys.readouterr().out
     (row / "samples" / "samples_00000.npz").write_bytes(b"x")
     with pytest.raises(ValueError, match="other settings"):
-        reproduce._check_row_dir(str(row), {"steps": 30}, same)
+        reproduce.spec.check_row_dir(str(row), {"steps": 30})
     assert json.loads((row / "row.json").read_text()) == {"steps": 20}
 
 
@@ -152,10 +152,9 @@ def test_calibration_is_one_deterministic_resumable_command(tiny_run, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
-def test_artifacts_are_keyed_by_model_content(tiny_run, tmp_path, capsys):
+def test_artifacts_are_keyed_by_model_content(tiny_run, tmp_path):
     """Calibration artifacts record the model's fingerprint: another checkpoint under the
-    same model name is refused; artifacts from before fingerprints are accepted by name
-    (said so) and recorded with the fingerprint, their contents unchanged."""
+    same model name is refused, and so is an artifact without a fingerprint."""
     import shutil
 
     from iec_jax.efficient import calibration as calib_lib
@@ -165,35 +164,23 @@ def test_artifacts_are_keyed_by_model_content(tiny_run, tmp_path, capsys):
     shutil.copytree(work / "artifacts", art)
     c = _config()
     row = reproduce.RowSpec.from_dict(c.rows[1])
-    table = reproduce.Table(c, str(tmp_path))
+    table = reproduce.Table(reproduce.table_settings(c), str(tmp_path))
+    quant_bytes = {p: p.read_bytes() for p in art.glob("*.npz")}
+    table.denoiser(row)  # the same model: every artifact is reused
+    assert {p: p.read_bytes() for p in quant_bytes} == quant_bytes
     table.methods.fingerprint = "0" * 64  # as if another checkpoint named fmnist-ddpm
     with pytest.raises(ValueError, match="another model|other settings"):
         table.denoiser(row)
-    # Written before fingerprints: strip them.
     sides = sorted(art.glob("*.json"))
     caches = [p for p in art.glob("*.npz") if not p.with_suffix(".json").exists()]
     assert sides and caches
-    for p in sides:
-        d = json.loads(p.read_text())
-        del d["model_fingerprint"]
-        p.write_text(json.dumps(d))
-    quant_bytes = {p: p.read_bytes() for p in art.glob("*.npz") if p not in caches}
-    for p in caches:
+    for p in caches:  # a cache artifact without a fingerprint
         full, dec, meta = calib_lib.load_cache_artifacts(p, {})
         del meta["model_fingerprint"]
         calib_lib.save_cache_artifacts(p, full, dec, meta)
-    table = reproduce.Table(c, str(tmp_path))
-    table.denoiser(row)
-    assert "calibrated before model fingerprints" in capsys.readouterr().out
-    used = [p for p in sides if "W8A8" in p.name]  # the state read (its A8 tables are inside)
-    assert used
-    for p in used:
-        assert json.loads(p.read_text())["model_fingerprint"] == table.model_key["fingerprint"]
-    for p in caches:
-        assert calib_lib.load_cache_artifacts(p, {})[2]["model_fingerprint"] == table.model_key["fingerprint"]
-    assert {p: p.read_bytes() for p in quant_bytes} == quant_bytes  # nothing recalibrated
-    table.denoiser(row)
-    assert "before model fingerprints" not in capsys.readouterr().out
+    table = reproduce.Table(reproduce.table_settings(c), str(tmp_path))
+    with pytest.raises(ValueError, match="another model"):
+        table.denoiser(row)
 
 
 def test_only_selects_rows(tiny_run):
@@ -275,18 +262,22 @@ def test_fid_infinity_columns(tiny_run, tmp_path, monkeypatch):
 
     copy = tmp_path / "copy"
     shutil.copytree(work, copy)
-    c.fid_infinity = 15
+    import dataclasses
+
+    c.fid_infinity = 0
     c.bootstrap = 0  # the features are then read for the fits alone
-    monkeypatch.setattr(reproduce, "_fid_infinity_points", lambda config: 15)
+    # Settings past the sample-count check (4 samples are far too few for a real fit).
+    s = dataclasses.replace(reproduce.table_settings(c), fid_infinity=15)
     seen = []
 
-    def fit(pool, refstats, points):
-        seen.append(points)
-        f = float(np.abs(pool).mean())
+    def fit(rowdir, feats, settings, refstats):
+        feats = feats or reproduce.complete_features(rowdir, settings)
+        seen.append(settings.fid_infinity)
+        f = float(np.abs(feats["pool"]).mean())
         return dict(fid=f, slope=10.0, sizes=[2, 3, 4], fids=[f + 5, f + 10 / 3, f + 2.5])
 
-    monkeypatch.setattr(reproduce, "_fid_infinity", fit)
-    got = {r["row"]: r for r in reproduce.run(c, str(copy))}
+    monkeypatch.setattr(reproduce, "row_fid_infinity", fit)
+    got = {r["row"]: r for r in reproduce.run(s, str(copy))}
     assert seen == [15, 15, 15]
     base, row = got["CacheQuant W8A8 N=2"], got["CacheQuant W8A8 N=2 + IEC"]
     assert row["gain_inf"] == pytest.approx((base["fid_inf"] - row["fid_inf"]) / base["fid_inf"])
@@ -303,12 +294,11 @@ def test_fid_infinity_columns(tiny_run, tmp_path, monkeypatch):
 
     snap = tmp_path / "snap"  # the small files alone: the cached fits, no features
     _json_copy(copy, snap)
-    c.time_budget_s = 0.0
-    again = {r["row"]: r for r in reproduce.run(c, str(snap))}
+    s = dataclasses.replace(s, time_budget_s=0.0)
+    again = {r["row"]: r for r in reproduce.run(s, str(snap))}
     assert seen == [15, 15, 15]  # nothing refitted
     assert {k: r["gain_inf"] for k, r in again.items()} == {k: r["gain_inf"] for k, r in got.items()}
-    c.fid_infinity = 0  # off: the table keeps its plain columns
-    reproduce.run(c, str(snap))
+    reproduce.run(dataclasses.replace(s, fid_infinity=0), str(snap))  # off: plain columns
     assert "FID∞" not in (snap / "tiny.md").read_text()
 
 
@@ -420,7 +410,7 @@ def test_interim_uses_the_shards_both_rows_have(tiny_run, tmp_path):
     assert not (copy / "rows" / names[0] / "features" / "features_00001.npz").exists()
     with np.load(copy / "rows" / names[0] / "features" / "features_00000.npz") as f:
         np.testing.assert_allclose(f["pool"], full[names[0]]["pool"][:2], rtol=1e-4, atol=1e-4)
-    from iec_jax.run.evaluate import reference_features
+    from iec_jax.metrics.reference import reference_features
 
     ref = reference_features(c.eval.dataset, c.eval.split, data_dir=c.eval.data_dir,
                              batch_size=c.eval.inception_batch_size)
@@ -438,8 +428,8 @@ def test_interim_uses_the_shards_both_rows_have(tiny_run, tmp_path):
 
 
 def test_seeded_workdir_resamples_the_reference_row_only(tiny_run, tmp_path):
-    """A work directory seeded with another machine's small files (gpu_tables run
-    --seed): evaluated rows are read, the reference row is sampled again (the new rows'
+    """A work directory seeded with another machine's small files (experiments.bundle
+    merge): evaluated rows are read, the reference row is sampled again (the new rows'
     L2 needs its samples; its metrics stay cached), new rows are computed."""
     import shutil
 
@@ -460,12 +450,11 @@ def test_seeded_workdir_resamples_the_reference_row_only(tiny_run, tmp_path):
 def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
     """row.json and the L2 / FLOPs caches name the model by its content fingerprint: the
     same checkpoint at another path (and a changed paper cell, a label) reuses the rows;
-    a row.json from before fingerprints (model by path) is accepted when that path holds
-    today's model, and refused when it cannot be checked."""
+    a row.json of another model is refused."""
     work, results = tiny_run
     snap = tmp_path / "snap"
     _json_copy(work, snap)
-    (tmp_path / "elsewhere").symlink_to(SHARED, target_is_directory=True)
+    (tmp_path / "elsewhere").symlink_to(REFERENCE_MODEL, target_is_directory=True)
     c = _budget0()
     c.model.source = str(tmp_path / "elsewhere")
     c.rows[2]["paper_gain"] = 0.5
@@ -474,22 +463,8 @@ def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
     assert [r["l2_to_fp"] for r in got] == [r["l2_to_fp"] for r in results]
     row_json = snap / "rows" / "CacheQuant_W8A8_N_2_plus_IEC" / "row.json"
     assert json.loads(row_json.read_text())["row"]["paper_gain"] == 0.5  # brought up to date
-    # The former keys: the checkpoint by path.
-    legacy = dict(dtype="float32", name="fmnist-ddpm", source=str(SHARED))
-    for p in (snap / "rows").glob("*/row.json"):
-        d = json.loads(p.read_text())
-        assert len(d["model"]["fingerprint"]) == 64
-        d["model"] = legacy
-        p.write_text(json.dumps(d))
-    for p in (snap / "rows").glob("*/l2.json"):
-        d = json.loads(p.read_text())
-        d["key"]["reference"]["model"] = legacy
-        p.write_text(json.dumps(d))
-    got = reproduce.run(c, str(snap))
-    assert [r["l2_to_fp"] for r in got] == [r["l2_to_fp"] for r in results]  # cache kept
-    assert "fingerprint" in json.loads(row_json.read_text())["model"]
     d = json.loads(row_json.read_text())
-    d["model"] = dict(legacy, source=str(tmp_path / "gone"))
+    d["model"]["fingerprint"] = "0" * 64  # another model
     row_json.write_text(json.dumps(d))
     with pytest.raises(ValueError, match="other settings"):
         reproduce.run(c, str(snap))
@@ -498,21 +473,15 @@ def test_rows_are_keyed_by_model_content_not_path(tiny_run, tmp_path):
 def test_metrics_do_not_depend_on_the_inception_batch_size(tiny_run, tmp_path):
     """The Inception batch size is how features are batched (on the 2-core CPU 117 ms per
     image at 64 against 160 at a GPU's 500: experiments.bench_batch), not what they are:
-    cached metrics and FID fits stay valid when it changes, including those whose key
-    was written with it (earlier versions)."""
+    cached metrics and FID fits stay valid when it changes."""
     work, results = tiny_run
     snap = tmp_path / "snap"
     _json_copy(work, snap)
     c = _budget0()  # nothing may be recomputed: a key mismatch leaves rows out
     c.eval.inception_batch_size = 2
     got = reproduce.run(c, str(snap))
-    assert [r["fid"] for r in got] == [r["fid"] for r in results]
-    for p in (snap / "rows").glob("*/metrics.json"):  # a key as earlier versions wrote it
-        d = json.loads(p.read_text())
-        assert "inception_batch_size" not in d["key"]["eval"]
-        d["key"]["eval"]["inception_batch_size"] = 500
-        p.write_text(json.dumps(d))
-    got = reproduce.run(c, str(snap))
+    for p in (snap / "rows").glob("*/metrics.json"):
+        assert "inception_batch_size" not in json.loads(p.read_text())["key"]["eval"]
     assert [r["fid"] for r in got] == [r["fid"] for r in results]
     c.eval.frechet_method = "sqrtm"  # how the metrics are computed does count
     assert reproduce.run(c, str(snap)) == []
@@ -521,8 +490,8 @@ def test_metrics_do_not_depend_on_the_inception_batch_size(tiny_run, tmp_path):
 def test_iec_rows_are_keyed_by_batch_size(tiny_run, tmp_path):
     """IEC's batch-global stop test makes an IEC row's samples depend on the batch size:
     its row.json records it, and a resume with another batch size is refused rather than
-    mixing shards; rows without IEC do not record it. A row.json from before (none
-    recorded) is taken to be today's batch size, as it was accepted then, and rewritten."""
+    mixing shards; rows without IEC do not record it, and a row.json without it is
+    refused for an IEC row."""
     work, results = tiny_run
     iec_json = work / "rows" / "CacheQuant_W8A8_N_2_plus_IEC" / "row.json"
     assert json.loads(iec_json.read_text())["batch_size"] == 2
@@ -534,32 +503,28 @@ def test_iec_rows_are_keyed_by_batch_size(tiny_run, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(\['batch_size'\]\)"):
         reproduce.run(c, str(snap))
     snap_json = snap / "rows" / "CacheQuant_W8A8_N_2_plus_IEC" / "row.json"
-    legacy = json.loads(snap_json.read_text())
-    del legacy["batch_size"]
-    snap_json.write_text(json.dumps(legacy))
-    got = reproduce.run(_budget0(), str(snap))
-    assert [r["fid"] for r in got] == [r["fid"] for r in results]
-    assert json.loads(snap_json.read_text())["batch_size"] == 2
-    # The legacy fill follows the same rule as today's row.json (one function).
-    assert reproduce._stored_batch_dependent(legacy["row"])
-    assert not reproduce._stored_batch_dependent(
-        json.loads((work / "rows" / "FP" / "row.json").read_text())["row"])
-    assert reproduce._stored_batch_dependent(dict(name="old", iec="official_ddpm", gone=1))
+    stored = json.loads(snap_json.read_text())
+    del stored["batch_size"]
+    snap_json.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=r"other settings \(\['batch_size'\]\)"):
+        reproduce.run(_budget0(), str(snap))
+    assert reproduce.spec.batch_dependent(reproduce.RowSpec.from_dict(_config().rows[2]))
+    assert not reproduce.spec.batch_dependent(reproduce.RowSpec.from_dict(_config().rows[0]))
 
 
 def test_model_fingerprint_is_content(tmp_path):
     import subprocess
     import sys
 
-    from iec_jax.run.common import load_unet, model_fingerprint
+    from iec_jax.models.loading import load_unet, model_fingerprint
 
     # A diffusers folder and its converted checkpoint are the same model.
-    subprocess.run([sys.executable, "-m", "experiments.convert", f"--src={SHARED}",
+    subprocess.run([sys.executable, "-m", "experiments.convert", f"--src={REFERENCE_MODEL}",
                     f"--dst={tmp_path / 'converted'}"], check=True, cwd=ROOT,
                    capture_output=True)
     assert (tmp_path / "converted" / "checkpoint.json").exists()
     assert (model_fingerprint(*load_unet(str(tmp_path / "converted")))
-            == model_fingerprint(*load_unet(str(SHARED))))
+            == model_fingerprint(*load_unet(str(REFERENCE_MODEL))))
 
     params = {"a": {"kernel": np.ones((2, 3), np.float32)}, "b": np.zeros(4, np.float32)}
     f = model_fingerprint({"ch": 8}, params)
@@ -699,7 +664,7 @@ def test_progress_keeps_every_machine_a_resumed_row_ran_on(tmp_path):
                                     devices=["1 × NVIDIA H200"])))
     info = dict(nfe=np.ones(4, int), full_pass=np.ones(4, bool), corrections=np.zeros((4, 2)))
     for _ in range(2):
-        p = reproduce._Progress(str(path))
+        p = reproduce.Progress(str(path))
         p.add([1.0], [info], [2], first_call=True)
     here = f"{jax.device_count()} × cpu ({host_cpu()})"
     d = json.loads(path.read_text())
@@ -707,7 +672,3 @@ def test_progress_keeps_every_machine_a_resumed_row_ran_on(tmp_path):
     assert d["samples"] == 6 and d["seconds"] == 12.0
     assert d["nfe"] == 8.0 + 2 * 4 * 2
     assert host_cpu().strip()  # a name, never empty
-    # A progress.json from before `devices` existed: its `device` is kept as the first.
-    path.write_text(json.dumps(dict(seconds=1.0, samples=2, nfe=8.0, device="2 × cpu")))
-    reproduce._Progress(str(path)).add([1.0], [info], [2], first_call=True)
-    assert json.loads(path.read_text())["devices"] == ["2 × cpu", here]

@@ -9,8 +9,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from iec_jax import NoiseSchedule, make_timesteps
+from iec_jax.models.loading import resolve_source
 
-SHARED_MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "fmnist-ddpm")
+REFERENCE_MODEL = resolve_source("fmnist-ddpm")  # the bundled reference checkpoint
 
 
 def test_uniform_grid_is_ddim_repo_uniform():
@@ -97,7 +98,7 @@ def test_ldm_sqrt_linear_schedule_formula():
 
 
 def test_from_diffusers_config_of_the_reference_checkpoint():
-    with open(os.path.join(SHARED_MODEL, "scheduler_config.json")) as f:
+    with open(os.path.join(REFERENCE_MODEL, "scheduler_config.json")) as f:
         cfg = json.load(f)
     s = NoiseSchedule.from_diffusers_config(cfg)
     np.testing.assert_allclose(s.betas, NoiseSchedule.linear().betas)

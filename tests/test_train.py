@@ -18,7 +18,7 @@ from iec_jax import data
 from iec_jax import train
 from iec_jax.data import fashion_mnist as fm
 from iec_jax.run import train as train_job
-from iec_jax.run.common import load_unet
+from iec_jax.models.loading import load_unet
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +150,21 @@ def test_batches_are_a_function_of_seed_and_step(cfg, data_dir, images):
     assert not np.array_equal(mem[0], next(train.array_batches(images, 8, seed=4)))
 
 
-def test_job_end_to_end_writes_a_loadable_model(data_dir, tmp_path):
+def test_job_end_to_end_writes_a_loadable_model(data_dir, tmp_path, capsys):
+    """The job: clu's parameter overview printed at the start, metrics.jsonl, TensorBoard
+    event files through clu's metric writers (the tensorboard extra is part of the test
+    extra), checkpoints, the exported EMA model."""
     config = get_config("smoke")
     config.data.data_dir = data_dir
     work = str(tmp_path / "run")
     result = train_job.run(config, work, progress=False)
-    assert sorted(os.listdir(work)) == ["checkpoints", "config.json", "metrics.jsonl", "model",
-                                        "training.json"]
+    files = sorted(os.listdir(work))
+    events = [f for f in files if f.startswith("events.out.tfevents")]
+    assert [f for f in files if f not in events] == ["checkpoints", "config.json",
+                                                     "metrics.jsonl", "model", "training.json"]
+    assert len(events) == 1 and os.path.getsize(os.path.join(work, events[0])) > 0
+    printed = capsys.readouterr().out
+    assert "| Name" in printed and f"Total: {result['num_params']:,}" in printed
     assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["2", "4"]
     with open(os.path.join(work, "training.json")) as f:
         info = json.load(f)

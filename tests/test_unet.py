@@ -27,8 +27,9 @@ from flax import traverse_util
 
 from iec_jax.models import checkpoint, convert, layers, unet
 from iec_jax.models.unet import DEEPCACHE_DDPM_CACHE_POINT, CachePoint, UNet, UNetConfig
+from iec_jax.models.loading import resolve_source
 
-FMNIST = Path(__file__).parents[2] / "shared/models/fmnist-ddpm"
+FMNIST = resolve_source("fmnist-ddpm")
 TOL = 1e-4  # max-abs ε difference allowed against PyTorch (float32)
 
 CONFIGS = {
@@ -109,7 +110,7 @@ def torch_models():
 
 @pytest.fixture(scope="module")
 def fmnist():
-    """The shared reference checkpoint: diffusers model, converted config and params."""
+    """The bundled reference checkpoint: diffusers model, converted config and params."""
     model = UNet2DModel.from_pretrained(FMNIST).eval()
     config, params = convert.load_diffusers(FMNIST)
     return model, config, params
@@ -136,13 +137,13 @@ def test_parameter_counts(torch_models, fmnist):
     assert unet.count_params(fmnist[2]) == 2_244_609  # fmnist-ddpm README
 
 
-def test_shared_checkpoint_matches_diffusers(fmnist):
+def test_reference_checkpoint_matches_diffusers(fmnist):
     # Measured: max-abs difference 3.1e-6 with |ε| up to 5.9 (batch 8, t = 0 ... 999).
     model, config, params = fmnist
     x, t = _inputs(config, 3, seed=2)
     t = np.array([0, 517, 999], np.int32)
     diff = _max_abs(eps_fn(params, x, t, config), _torch_eps(model, x, t))
-    print(f"\nshared fmnist checkpoint: max-abs ε difference to diffusers {diff:.1e}")
+    print(f"\nreference fmnist checkpoint: max-abs ε difference to diffusers {diff:.1e}")
     assert diff < TOL
 
 

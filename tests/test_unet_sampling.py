@@ -13,15 +13,16 @@ import iec_jax
 from configs.fmnist import ddim as ddim_config
 from iec_jax import pipeline
 from iec_jax.run import sample as sample_job
-from iec_jax.run.common import load_unet, unet_denoiser
+from iec_jax.models.loading import load_unet, unet_denoiser
+from iec_jax.models.loading import resolve_source
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models" / "fmnist-ddpm"
+REFERENCE_MODEL = resolve_source("fmnist-ddpm")  # the bundled reference checkpoint
 
 
 def test_ddim100_matches_pytorch_from_the_same_noise():
-    config, params = load_unet(str(SHARED))
+    config, params = load_unet(str(REFERENCE_MODEL))
     schedule = iec_jax.NoiseSchedule.from_diffusers_config(
-        json.loads((SHARED / "scheduler_config.json").read_text()))
+        json.loads((REFERENCE_MODEL / "scheduler_config.json").read_text()))
     ts = iec_jax.make_timesteps(1000, 100, "uniform")
     keys = iec_jax.per_sample_keys(jax.random.key(0), np.arange(4))
     x_T, _ = iec_jax.initial_noise(keys, (32, 32, 1))
@@ -29,8 +30,8 @@ def test_ddim100_matches_pytorch_from_the_same_noise():
     ours, _ = jax.jit(lambda x: iec_jax.sample(eps_fn, x, None, schedule=schedule, timesteps=ts))(x_T)
     ours = np.asarray(ours)
 
-    model = UNet2DModel.from_pretrained(str(SHARED)).eval()
-    sched = DDIMScheduler.from_pretrained(str(SHARED))
+    model = UNet2DModel.from_pretrained(str(REFERENCE_MODEL)).eval()
+    sched = DDIMScheduler.from_pretrained(str(REFERENCE_MODEL))
     sched.set_timesteps(100)
     np.testing.assert_array_equal(sched.timesteps.numpy(), ts)
     x = torch.from_numpy(np.array(x_T).transpose(0, 3, 1, 2))
@@ -50,7 +51,7 @@ def test_ddim100_matches_pytorch_from_the_same_noise():
 
 def test_sample_command_smoke(tmp_path):
     config = ddim_config.get_config("smoke")
-    config.model.source = str(SHARED)
+    config.model.source = str(REFERENCE_MODEL)
     summary = sample_job.run(config, str(tmp_path))
     images = pipeline.SampleShards(str(tmp_path / "samples"), 16, 16).load()
     assert images.shape == (16, 32, 32, 1) and images.dtype == np.uint8
@@ -69,7 +70,7 @@ def test_bench_script_smoke(tmp_path):
     from iec_jax.run import bench
 
     config = bench_config.get_config("smoke")
-    config.model.source = str(SHARED)
+    config.model.source = str(REFERENCE_MODEL)
     report = bench.run(config, str(tmp_path))
     names = [r["name"] for r in report["results"]]
     assert names == ["jax float32", "jax float32 + IEC", "torch eager"]

@@ -6,7 +6,7 @@ The checkpoint cannot be downloaded here; users who have it convert it first:
 Command:
   python -m experiments.sample --config configs/cifar10/ddim.py --workdir runs/cifar10-ddim
 
-Sampler as in the paper's CIFAR-10 rows (PAPER.md §5.2): DDIM-100, η = 0, the DDIM
+Sampler as in the paper's CIFAR-10 rows (docs/semantics.md §5.1): DDIM-100, η = 0, the DDIM
 repo's "quad" grid (max t = 800, duplicates kept); linear β 1e-4 → 0.02, T = 1000.
 Paper: FP FID 4.19 (Table 1), 50,000 samples, batch 500.
 """

@@ -6,7 +6,7 @@ The checkpoint cannot be downloaded here; convert it first:
 The reference statistics are the 50,000 CIFAR-10 training images (TFDS ``cifar10``,
 prepared once where TensorFlow is installed: ``tfds build cifar10``).
 
-Settings as PAPER.md §5.2: DDIM-100, η = 0, quad grid, seed 1243, 50,000 samples in
+Settings as docs/semantics.md §5.1: DDIM-100, η = 0, quad grid, seed 1243, 50,000 samples in
 batches of 500, DeepCache branch 2, calibration 512 samples (64 / 32 per step).
 Variants: none = 50,000 samples (GPU); ``cpu`` = 10,000. Both report FID∞ (15 subsets of
 N/4 to N samples) beside FID.

@@ -1,15 +1,14 @@
-"""The paper's tables on the shared Fashion-MNIST reference checkpoint (the table*.py
+"""The paper's tables on the bundled Fashion-MNIST reference checkpoint (the table*.py
 configs call :func:`table_config`).
 
-Sampler as the paper's CIFAR-10 rows (PAPER.md §5.2): DDIM-100, η = 0, quad grid (max t
+Sampler as the paper's CIFAR-10 rows (docs/semantics.md §5.1): DDIM-100, η = 0, quad grid (max t
 800, duplicates kept), seed 1243; DeepCache branch 2 (cache point up_blocks[2].resnets[2]);
 calibration as the official CIFAR-10 scripts (512 FP samples, 64 / 32 per full / cached
 step). FID against the 10,000-image test split (samples centre-cropped 32 → 28).
 
-Variants (``:arg``): none = 10,000 samples per row (the CPU size of the issue);
+Variants (``:arg``): none = 10,000 samples per row (a CPU's size);
 ``gpu`` = 50,000 samples in batches of 500 (the official CIFAR-10 setting); ``gpu10k`` =
-10,000 samples in batches of 1,000 (what one 15-minute GPU lease affords:
-``experiments/gpu_tables.py``); these three
+10,000 samples in batches of 1,000 (minutes on one GPU); these three
 report FID∞ (15 nested subsets of N/4 to N samples) beside FID; ``quick`` = 500 samples per row, 128
 calibration samples with 16 / 8 per full / cached step (the activation search costs
 ~0.5 s per sample and step on a 2-core CPU); ``smoke`` = a few samples, 10 steps (tests).
@@ -20,7 +19,7 @@ from configs.base import table_config as _base
 
 
 def table_config(table: str, arg=None):
-    c = _base("../shared/models/fmnist-ddpm", model_name="fmnist-ddpm")
+    c = _base("fmnist-ddpm", model_name="fmnist-ddpm")
     c.name = f"fmnist-ddpm {table}"
     c.table = table
     c.rows = tables.TABLES[table]()
@@ -28,7 +27,7 @@ def table_config(table: str, arg=None):
     if arg in (None, ""):
         pass
     elif arg in ("gpu", "gpu10k"):
-        # gpu: the official CIFAR-10 script's count and batch (PAPER.md §5.2)
+        # gpu: the official CIFAR-10 script's count and batch (docs/semantics.md §5.1)
         c.num_samples, c.batch_size, c.shard_size = {"gpu": (50_000, 500, 5_000),
                                                       "gpu10k": (10_000, 1_000, 2_000)}[arg]
         c.eval.inception_batch_size = 500

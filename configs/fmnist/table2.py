@@ -5,7 +5,7 @@ Command (CPU: 10,000 samples per row; ``:quick`` 500; ``:gpu`` 50,000):
 
 Paper (CIFAR-10): DeepCache N = 10: 9.74 → +IEC 7.77 (−20%); N = 15: 17.21 → 14.58 (−15%);
 App. A.2 cites 8.58, presumably N = 10 with the NFE spent on more steps (a guess,
-PAPER.md §5.4). Controls added here: FP + IEC; N = 10 at DDIM-110 (NFE-matched); N = 5
+docs/semantics.md §5.2). Controls added here: FP + IEC; N = 10 at DDIM-110 (NFE-matched); N = 5
 (the same 20 full passes as N = 10 + IEC); DeepCache's non-uniform schedule.
 """
 

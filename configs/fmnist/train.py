@@ -10,7 +10,7 @@ Then sample the EMA model:
       --config.model.source=runs/train/fmnist/model
 
 Target: a model small enough to ship in the repository (1,623,169 float32 parameters,
-6.5 MB): the reference checkpoint's layout (../shared/models/fmnist-ddpm: the DDPM
+6.5 MB): the reference checkpoint's layout (fmnist-ddpm, bundled: the DDPM
 CIFAR-10 UNet scaled down) with three levels instead of four, block_out_channels
 (32, 64, 64) at 32 × 32, attention at 16 × 16, 2 res blocks per level, GroupNorm(16),
 dropout 0.1. Data as the reference: the 60,000 training images scaled to [-1, 1], padded

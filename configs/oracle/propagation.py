@@ -6,7 +6,7 @@ Smoke variant (CI, seconds):
   python -m experiments.propagation --config configs/oracle/propagation.py:smoke
 Runtime: about 1 minute on a 2-core CPU (the smoke variant: seconds).
 
-Paper (PAPER.md §2.2, §4): errors of efficient models grow exponentially across steps
+Paper (docs/semantics.md §8): errors of efficient models grow exponentially across steps
 (‖A_t + B_t J_t‖ > 1 at all CIFAR-10 timesteps); IEC makes the growth linear. Here the
 denoiser is exact, so the reference run has discretization error only, and each
 perturbation adds a known approximation error:

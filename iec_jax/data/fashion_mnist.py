@@ -210,7 +210,6 @@ class IecFashionMnist(tfds.core.GeneratorBasedBuilder):
     """Fashion-MNIST from local IDX files, in array_record format with Tensor features."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Tensor features in array_record format, IDX record order."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Optional. Place the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz; "

@@ -1,4 +1,4 @@
-"""Efficiency techniques as model transformations (PAPER.md §6), all composable with IEC.
+"""Efficiency techniques as model transformations (docs/semantics.md §4), all composable with IEC.
 
 * :mod:`iec_jax.efficient.quant` — simulated timestep-wise post-training quantization
   (Q-Diffusion / CacheQuant form) by ``flax.linen.intercept_methods``;

@@ -8,7 +8,7 @@ arguments: build denoisers inside jit, e.g. ``make_batch_sampler(lambda p:
 cached_denoiser(float_unet_fn(unet, p), ...), params=params, ...)``.
 
 Schedules are bool masks of length S (True = full-compute "slow" step; step 0 is always
-full). Official sources (PAPER.md §6.2-§6.4):
+full). Official sources (docs/semantics.md §4.2-§4.4):
 
 * :func:`uniform_schedule`: ``interval_seq = range(0, S, N)`` (DeepCache
   ``generalized_steps``, IEC/CacheQuant ``ddim_cifar_cali.get_interval_seq``).
@@ -19,11 +19,11 @@ full). Official sources (PAPER.md §6.2-§6.4):
   ``calculate_abCov`` and ``cache_pred_cacheerr_abCov_statistic`` in
   ``error_dec/cifar/cifar_dec.py``; applied as ``h <- a[time] h + b[time]`` on the cached
   feature in the partial pass (``deepcache_diffusion.py`` ``forward``). Here the index is
-  the sampling step, never a call counter (PAPER.md §3.5, §8 items 6, 17).
+  the sampling step, never a call counter (docs/semantics.md §3, §7 items 6, 17).
 * :func:`cached_denoiser`: the DeepCache sampler loop (``prv_f`` refreshed at slow steps)
   as a stateful :class:`~iec_jax.denoisers.Denoiser`; with IEC every evaluation at a full
   step is a full pass and the carried cache is the last evaluation's feature, as in
-  ``adaptive_generalized_steps_3`` (PAPER.md §3.5, §8 item 5).
+  ``adaptive_generalized_steps_3`` (docs/semantics.md §3, §7 item 5).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class CacheDEC(NamedTuple):
 
 
 def identity_dec(num_steps: int, channels: int) -> CacheDEC:
-    """a = 1, b = 0 (DeepCache without DEC; cf. PAPER.md §8 items 12, 23: the official
+    """a = 1, b = 0 (DeepCache without DEC; cf. docs/semantics.md §7 items 12, 23: the official
     FP scripts use b = 1 by mistake)."""
     return CacheDEC(np.ones((num_steps, channels), np.float32), np.zeros((num_steps, channels), np.float32))
 

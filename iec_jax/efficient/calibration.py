@@ -1,7 +1,7 @@
 """Calibration data for caching and quantization, and the cache artifact files.
 
 Everything comes from one full-precision, no-cache DDIM (η = 0) run, deterministic from
-a seed, as in the official pipeline (PAPER.md §6.1, §6.4, §8 items 15, 22):
+a seed, as in the official pipeline (docs/semantics.md §4.1, §4.5, §7 items 15, 22):
 
 * :func:`fp_trajectories` = the official collection hooks: the model inputs (x_i, t_i)
   of every step (``globalvar.appendInput`` in ``mainddpm/ddpm/functions/denoising.py``)

@@ -4,7 +4,7 @@
 ``(factory, params)``: ``factory(params) -> Denoiser`` is called inside jit (the
 parameters, quantized weights, activation tables and DEC fits stay jit arguments).
 
-The official CacheQuant/IEC pipeline order (PAPER.md §6.4) is followed:
+The official CacheQuant/IEC pipeline order (docs/semantics.md §4.5) is followed:
 
 1. FP no-cache DDIM trajectories of ``calibration.num_samples`` samples (seed
    ``calibration.seed``), recording x_i and the cache-point feature at every step
@@ -28,6 +28,7 @@ are large: ~7 MB per sample at S = 100 for fmnist-ddpm, so they are not stored).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -41,7 +42,56 @@ from iec_jax.io import write_json
 from iec_jax.models import UNet
 from iec_jax.schedule import NoiseSchedule, make_timesteps
 
-__all__ = ["MethodBuilder", "nonuniform_center"]
+__all__ = ["CalibrationConfig", "MethodBuilder", "nonuniform_center"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """How the efficient models are calibrated (the official CIFAR-10 scripts' values by
+    default).
+
+    Attributes:
+      num_samples, batch_size: FP no-cache trajectories recorded (and their batch).
+      per_step_full, per_step_cached: calibration samples per full / cached step.
+      dps_samples: trajectories whose cache-point features the DPS schedule is fitted on.
+      act_batch_size: the activation range search's batch (official: min(batch, samples
+        of the step), kept once it shrinks).
+      nonuniform_center, nonuniform_pow: DeepCache's non-uniform schedule (its scripts
+        have no defaults; center None or < 0 = the middle step).
+      seed: the trajectories' and the per-step draws' seed.
+    """
+
+    num_samples: int = 512
+    batch_size: int = 128
+    per_step_full: int = 64
+    per_step_cached: int = 32
+    dps_samples: int = 32
+    act_batch_size: int = 256
+    nonuniform_center: Optional[int] = -1
+    nonuniform_pow: float = 1.4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_samples", "batch_size", "per_step_full", "per_step_cached",
+                     "dps_samples", "act_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"calibration.{name} must be an integer >= 1, got {v!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"calibration.seed must be an integer >= 0, got {self.seed!r}")
+        if self.nonuniform_center is not None and (
+                isinstance(self.nonuniform_center, bool)
+                or not isinstance(self.nonuniform_center, (int, np.integer))):
+            raise ValueError("calibration.nonuniform_center must be an integer (< 0: the middle"
+                             f" step) or None, got {self.nonuniform_center!r}")
+        if not isinstance(self.nonuniform_pow, (int, float)) or not self.nonuniform_pow > 0:
+            raise ValueError(f"calibration.nonuniform_pow must be a number > 0, got {self.nonuniform_pow!r}")
+        if self.dps_samples > self.num_samples:
+            raise ValueError(f"calibration.dps_samples must be <= calibration.num_samples="
+                             f"{self.num_samples}, got {self.dps_samples}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def nonuniform_center(calib, num_steps: int) -> int:
@@ -55,7 +105,7 @@ class MethodBuilder:
     def __init__(self, unet_config, params, *, schedule: NoiseSchedule, shape: tuple,
                  cache_point, model_name: str, dtype: str = "float32", calibration,
                  artifact_dir: str, spacing: str, fingerprint: Optional[str] = None):
-        from iec_jax.run.common import DTYPES, model_fingerprint
+        from iec_jax.models.loading import DTYPES, model_fingerprint
 
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -88,17 +138,6 @@ class MethodBuilder:
             meta.update(dps_samples=int(c.dps_samples))
         return meta
 
-    def _legacy(self, path: str, stored: dict) -> dict:
-        """An artifact written before fingerprints (no ``model_fingerprint``) is taken to
-        be of this model when everything else matches (its name included): said, and
-        recorded with this model's fingerprint from now on."""
-        if "model_fingerprint" in stored:
-            return stored
-        print(f"{path}: calibrated before model fingerprints; accepted for model"
-              f" {stored.get('model')!r} by name, recorded with fingerprint"
-              f" {self.fingerprint[:12]}…", flush=True)
-        return dict(stored, model_fingerprint=self.fingerprint)
-
     def _have(self, path: str, meta: dict) -> bool:
         """A quantizer artifact ``path`` is reused only with its sidecar ``.json`` equal to
         ``meta`` (written after the .npz: a missing sidecar means an interrupted write)."""
@@ -106,14 +145,11 @@ class MethodBuilder:
         if not (os.path.exists(path) and os.path.exists(side)):
             return False
         with open(side) as f:
-            raw = json.load(f)
-        stored = self._legacy(path, raw)
+            stored = json.load(f)
         if stored != json.loads(json.dumps(meta)):
             diff = sorted(k for k in set(stored) | set(meta) if stored.get(k) != meta.get(k))
             raise ValueError(f"{path} was calibrated with other settings ({diff}); remove it or"
                              " use another --workdir")
-        if stored != raw:
-            write_json(side, stored)
         return True
 
     def timesteps(self, num_steps: int) -> np.ndarray:
@@ -156,14 +192,11 @@ class MethodBuilder:
         path = self._path(stem)
         if os.path.exists(path):
             bare = {k: v for k, v in meta.items() if k != "model_fingerprint"}
-            full, d, raw = calib_lib.load_cache_artifacts(path, bare)
-            stored = self._legacy(path, raw)
-            if stored["model_fingerprint"] != self.fingerprint:
+            full, d, stored = calib_lib.load_cache_artifacts(path, bare)
+            if stored.get("model_fingerprint") != self.fingerprint:
                 raise ValueError(f"{path} was calibrated for another model of the same name"
                                  " (model_fingerprint differs); remove it or use another"
                                  " --workdir")
-            if stored is not raw:  # upgraded: record the fingerprint
-                calib_lib.save_cache_artifacts(path, full, d, meta)
             return full, d
         features = None
         if kind == "dps" or dec:

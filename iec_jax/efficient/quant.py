@@ -1,8 +1,8 @@
 """Simulated (fake) post-training quantization of the Flax UNet, Q-Diffusion / CacheQuant
-style (PAPER.md §6.1, §6.4, §3.5), applied with ``flax.linen.intercept_methods`` on the
+style (docs/semantics.md §4.1, §4.4, §3), applied with ``flax.linen.intercept_methods`` on the
 leaf layers of :mod:`iec_jax.models.layers`; the UNet itself is not edited.
 
-Everything is fake-quantized in float32 (PAPER.md §8 item 10: no latency claims).
+Everything is fake-quantized in float32 (docs/semantics.md §7 item 10: no latency claims).
 Mapping to the official code (github zysxmu/IEC = BienLuky/CacheQuant + IEC changes):
 
 * :func:`fake_quant` = ``UniformAffineQuantizer.forward``: ``(clip(round(x / Δ) +
@@ -30,7 +30,7 @@ Mapping to the official code (github zysxmu/IEC = BienLuky/CacheQuant + IEC chan
   partial pass (``prv_f``) from the cache-DEC-corrected feature (``model.a_list`` is set
   while ``ddim_cifar_params.py`` calibrates). Steps where a layer does not run keep the
   value of its first ever calibration batch (``torch.stack([delta] * timesteps)``).
-  Tables are indexed by the sampling step passed in (``set_time(step)``; PAPER.md §3.5:
+  Tables are indexed by the sampling step passed in (``set_time(step)``; docs/semantics.md §3:
   IEC evaluations of step i use step i's tables), never by a call counter.
 * Quantized operands: the input of every ``Conv2d`` / ``Dense`` (``QuantModule``: time
   embedding linears, resnet ``temb_proj`` and attention q/k/v/out included); ``split``
@@ -38,7 +38,7 @@ Mapping to the official code (github zysxmu/IEC = BienLuky/CacheQuant + IEC chan
   (``QuantAttnBlock``): q and k at the ``matmul_qk`` input, the softmax probabilities at
   ``softmax_bits`` (``sm_abit``) and v at the ``matmul_av`` input.
 * ``conv_in`` / ``conv_out`` weights and input activations at ``first_last_bits``
-  (``set_first_last_layer_to_8bit``, by path here, not by position: PAPER.md §8 item 18).
+  (``set_first_last_layer_to_8bit``, by path here, not by position: docs/semantics.md §7 item 18).
 * Quant-DEC (:func:`fit_quant_dec`, ``cache_pred_quanterr_abCov_statistic`` in
   ``error_dec/cifar/cifar_dec.py``; applied in ``QuantModule.forward`` via ``pre_err``):
   for the conv consuming the cached feature (our ``up_blocks_u/resnets_r/conv_shortcut``,

@@ -42,6 +42,14 @@ from iec_jax.metrics.inception import (
     preprocess,
     validate_images,
 )
+from iec_jax.metrics.reference import (
+    FeatureShards,
+    center_crop,
+    compute_metrics,
+    frechet_distances,
+    reference_features,
+    reference_features_from_images,
+)
 from iec_jax.metrics.scores import (
     inception_score,
     manifold_membership,
@@ -52,6 +60,12 @@ from iec_jax.metrics.scores import (
 
 __all__ = [
     "Activations",
+    "FeatureShards",
+    "center_crop",
+    "compute_metrics",
+    "frechet_distances",
+    "reference_features",
+    "reference_features_from_images",
     "FeatureStats",
     "InceptionV3",
     "compute_activations",

@@ -3,7 +3,7 @@
 Every convolution, dense layer, attention matmul and attention softmax of
 :class:`iec_jax.models.unet.UNet` is one of the four small Linen classes below, so an
 efficiency transform can find and replace them by class with
-``flax.linen.intercept_methods`` without editing the UNet (PAPER.md §6.1: every
+``flax.linen.intercept_methods`` without editing the UNet (docs/semantics.md §4.1: every
 Conv2d/Linear becomes a ``QuantModule``; the attention matmuls and the softmax get their
 own activation quantizers).
 

@@ -31,7 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import iec_jax
 from iec_jax.io import host_cpu, write_json
 from iec_jax.pipeline import data_mesh
-from iec_jax.run.common import build_schedule, load_unet, unet_denoiser
+from iec_jax.models.loading import load_unet, unet_denoiser
+from iec_jax.run.settings import schedule_settings
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -77,7 +78,7 @@ def run(config, workdir: str) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     backend = jax.default_backend()
     ucfg, params, tmodel = _model(config)
-    schedule = build_schedule(config.schedule)
+    schedule = schedule_settings(config.schedule).build()
     ts = iec_jax.make_timesteps(schedule.num_timesteps, config.num_steps, "uniform")
     B, S = int(config.batch_size), len(ts)
     shape = (ucfg.sample_size, ucfg.sample_size, ucfg.in_channels)

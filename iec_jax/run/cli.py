@@ -1,6 +1,12 @@
-"""The one shape of every ``experiments/*.py`` entry point: ``--config`` (an ml_collections
-file, locked so that a misspelled ``--config.x`` fails) and ``--workdir``, then
-``job(config, workdir)`` with the persistent compilation cache on.
+"""The one shape of every config-driven ``experiments/*.py`` entry point: ``--config``
+(an ml_collections file, locked so that a misspelled ``--config.x`` fails) and
+``--workdir``, then ``job(settings, workdir)`` with the persistent compilation cache on.
+
+The config crosses into validated settings (``settings(config)``, see
+:mod:`iec_jax.run.settings`) before anything is written, compiled or loaded. Bad input
+— an unknown or mistyped flag, a value out of range, a missing path — ends the command
+with one line on stderr naming the field and what is allowed, exit status 2, and the
+work directory untouched; ``--traceback`` shows the full traceback instead.
 
 Each script calls :func:`iec_jax.io.use_all_cpu_cores` before anything imports JAX, then
 ``run_job(...)`` under ``if __name__ == "__main__"``.
@@ -8,11 +14,49 @@ Each script calls :func:`iec_jax.io.use_all_cpu_cores` before anything imports J
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import sys
+from typing import Callable, NoReturn, Optional
+
+__all__ = ["run_job", "refuse", "flags_parser"]
 
 
-def run_job(job: Callable, *, what: str, default_config: Optional[str] = None,
-            default_workdir: Optional[str] = None) -> None:
+def refuse(what: str, error: BaseException) -> NoReturn:
+    """Ends the command with ``error: <what>: <message>`` (one line) and status 2."""
+    text = str(error)
+    if "Traceback (most recent call last)" in text:  # a loader's message holding a traceback
+        text = [line for line in text.splitlines() if line.strip()][-1]
+    msg = " ".join(text.split()) or type(error).__name__
+    if isinstance(error, (KeyError, AttributeError)):
+        msg = f"unknown field {msg}"
+    print(f"error: {what}: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def flags_parser(what: str, required: tuple = ()):
+    """An ``absl.app.run(..., flags_parser=...)`` that ends a bad command line with one
+    line (:func:`refuse`) instead of absl's usage text; ``--traceback`` in the arguments
+    shows the full traceback instead."""
+    from absl import flags
+
+    def parse(argv):
+        try:
+            rest = flags.FLAGS(argv)
+        except Exception as e:  # noqa: BLE001 - every flag-parsing failure is bad input
+            if "--traceback" in argv:
+                raise
+            refuse(f"{what} flags", (e.__cause__ or e) if isinstance(e, flags.Error) else e)
+        missing = [n for n in required if getattr(flags.FLAGS, n) is None]
+        if missing:
+            refuse(f"{what} flags", ValueError(f"--{missing[0]} is required"))
+        return rest
+
+    return parse
+
+
+def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
+            default_config: Optional[str] = None, default_workdir: Optional[str] = None) -> None:
+    """Parses ``--config`` / ``--workdir``, converts the config with ``settings`` (None:
+    the job takes the ConfigDict itself), then runs ``job(settings, workdir)``."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -22,15 +66,27 @@ def run_job(job: Callable, *, what: str, default_config: Optional[str] = None,
                                              lock_config=True)
     workdir = flags.DEFINE_string("workdir", default_workdir,
                                   "Run directory (a partial run there is resumed).")
-    required = [n for n, v in (("config", default_config), ("workdir", default_workdir))
-                if v is None]
-    if required:
-        flags.mark_flags_as_required(required)
+    traceback = flags.DEFINE_bool("traceback", False,
+                                  "Show full tracebacks for refused configs and flags.")
+    required = tuple(n for n, v in (("config", default_config), ("workdir", default_workdir))
+                     if v is None)
 
     def main(argv):
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        enable_compilation_cache()
-        job(config.value, workdir.value)
+            refuse(f"{what} flags", ValueError(f"unexpected arguments {argv[1:]}"))
+        try:
+            s = settings(config.value) if settings is not None else config.value
+            if not workdir.value or not isinstance(workdir.value, str):
+                raise ValueError("--workdir must be a directory path")
+            import os
 
-    app.run(main)
+            if os.path.exists(workdir.value) and not os.path.isdir(workdir.value):
+                raise ValueError(f"--workdir {workdir.value!r} exists and is not a directory")
+        except (TypeError, ValueError, OSError) as e:  # OSError: an unreadable config file
+            if traceback.value:
+                raise
+            refuse(what, e)
+        enable_compilation_cache()
+        job(s, workdir.value)
+
+    app.run(main, flags_parser=flags_parser(what, required))

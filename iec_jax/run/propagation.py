@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import iec_jax
 from iec_jax import analysis, oracle
 from iec_jax.io import atomic_path, write_json, write_text
-from iec_jax.run.common import build_schedule
+from iec_jax.run.settings import schedule_settings
 
 RUNS = ("ref", "ref_iec", "eff", "eff_iec")
 ERRORS = {
@@ -63,7 +63,7 @@ def frechet_distance(x, y) -> float:
 def run(config, workdir: str) -> dict[str, Any]:
     """Run the study described by ``config`` (see configs/oracle/propagation.py)."""
     t_start = time.time()
-    schedule = build_schedule(config.schedule)
+    schedule = schedule_settings(config.schedule).build()
     ts = iec_jax.make_timesteps(
         schedule.num_timesteps, config.sampler.num_steps, config.sampler.spacing
     )

@@ -42,9 +42,17 @@ def _quiet_orbax_logs() -> None:
         handler.addFilter(_QuietOrbax())
 
 
+def settings(config) -> train_lib.TrainConfig:
+    """The config boundary of ``experiments.train`` (every ValueError before any write)."""
+    if isinstance(config, train_lib.TrainConfig):
+        return config
+    return train_lib.TrainConfig.from_config(config)
+
+
 def run(config, workdir: str, *, progress: bool = True) -> dict:
-    """Train as ``config`` says (resuming from ``workdir``); returns training.json's dict."""
-    cfg = train_lib.TrainConfig.from_config(config)  # every ValueError before any write
+    """Train as ``config`` (a config or a :class:`~iec_jax.train.TrainConfig`) says,
+    resuming from ``workdir``; returns training.json's dict."""
+    cfg = settings(config)
     _quiet_orbax_logs()
     data.prepare(cfg.dataset, data_dir=cfg.data_dir)
     state, summary = train_lib.fit(cfg, workdir, progress=progress)
@@ -63,7 +71,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
         ),
     )
     result = dict(
-        config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        config=config.to_dict() if hasattr(config, "to_dict") else cfg.to_json_dict(),
         steps=cfg.num_steps,
         resumed_from_step=summary["start_step"],
         steps_run=summary["steps_run"],
@@ -85,4 +93,4 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     return result
 
 
-__all__ = ["run", "MODEL_DIR", "SUMMARY_FILE"]
+__all__ = ["run", "settings", "MODEL_DIR", "SUMMARY_FILE"]

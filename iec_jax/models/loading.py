@@ -1,0 +1,126 @@
+"""Finding and loading models: bundled checkpoints by name, folders by path, content
+fingerprints, and the ε-function of a loaded UNet.
+
+    from iec_jax.models import load_unet, model_fingerprint
+
+    config, params = load_unet("fmnist-ddpm")            # a checkpoint bundled with iec_jax
+    config, params = load_unet("runs/train/fmnist/model") # a checkpoint written by the project
+    config, params = load_unet("/data/ddpm-cifar10-32")   # a diffusers UNet2DModel folder
+
+A *source* is either the name of a checkpoint bundled in ``iec_jax/assets``
+(:data:`BUNDLED`) or a path (``~`` expanded; relative paths from the working directory).
+:func:`resolve_source` is the one place that turns a source into a folder, and it fails
+with a message naming the source when there is nothing there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ASSETS_DIR", "BUNDLED", "DTYPES", "resolve_source", "load_unet",
+           "model_fingerprint", "unet_denoiser"]
+
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+
+# Checkpoints that ship inside the package, by name: the reference DDPM (diffusers
+# format, trained elsewhere) and the project's own small model (trained by
+# experiments.train). Each folder has a README.md or training.json saying where it came from.
+BUNDLED = {
+    "fmnist-ddpm": "fmnist-ddpm",
+    "fmnist-small": "fmnist-small",
+}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_source(source: Union[str, os.PathLike]) -> Path:
+    """The folder of a model source: a bundled name (:data:`BUNDLED`) or a path.
+
+    Raises ValueError naming the source when it is neither a bundled name nor an existing
+    directory holding a checkpoint (``checkpoint.json``) or a diffusers model (``config.json``).
+    """
+    text = str(source)
+    if not text:
+        raise ValueError("model source is empty: give a bundled name"
+                         f" ({', '.join(BUNDLED)}) or a checkpoint folder")
+    path = ASSETS_DIR / BUNDLED[text] if text in BUNDLED else Path(os.path.expanduser(text))
+    if not path.is_dir():
+        raise ValueError(f"model source {text!r} is neither a bundled checkpoint"
+                         f" ({', '.join(BUNDLED)}) nor an existing directory")
+    if not ((path / "checkpoint.json").is_file() or (path / "config.json").is_file()):
+        raise ValueError(f"model source {text!r} ({path}) holds neither an iec_jax checkpoint"
+                         " (checkpoint.json) nor a diffusers model (config.json)")
+    return path
+
+
+def load_unet(source: Union[str, os.PathLike]):
+    """``(UNetConfig, params)`` from a bundled name, a converted checkpoint directory
+    (``checkpoint.json``, written by ``experiments.convert`` or ``experiments.train``) or,
+    converting in memory, a diffusers ``UNet2DModel`` folder (``config.json``)."""
+    from iec_jax.models.checkpoint import load_checkpoint
+    from iec_jax.models.convert import load_diffusers
+
+    path = resolve_source(source)
+    if (path / "checkpoint.json").is_file():
+        return load_checkpoint(path)
+    return load_diffusers(path)
+
+
+# The UNetConfig fields the fingerprint was first defined over. A field added to a config
+# class later enters the hash only where it differs from its default, so that adding an
+# option never changes the fingerprint (and the stored results) of existing models.
+_FINGERPRINT_V1_FIELDS = frozenset((
+    "sample_size", "in_channels", "out_channels", "center_input_sample",
+    "time_embedding_dim", "freq_shift", "flip_sin_to_cos", "down_block_types",
+    "up_block_types", "block_out_channels", "layers_per_block", "mid_block_scale_factor",
+    "downsample_padding", "dropout", "attention_head_dim", "norm_num_groups",
+    "attn_norm_num_groups", "norm_eps"))
+
+
+def _fingerprint_config(config) -> dict:
+    if not dataclasses.is_dataclass(config):
+        return dict(config)
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        if f.name in _FINGERPRINT_V1_FIELDS or value != default:
+            out[f.name] = value
+    return json.loads(json.dumps(out, default=list))
+
+
+def model_fingerprint(config, params) -> str:
+    """SHA-256 of a model's architecture and weights (its config, then every parameter's
+    path, dtype, shape and bytes, in tree order): what a result computed with the model
+    depends on, independent of where the checkpoint lies or its format (a diffusers folder
+    and its ``experiments.convert`` output give the same fingerprint)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(_fingerprint_config(config), sort_keys=True, default=str).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def unet_denoiser(unet_config, dtype: str = "float32"):
+    """``params -> eps_fn(x, t)`` for the Flax UNet (NHWC), computing in ``dtype``."""
+    from iec_jax.models.unet import UNet
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    net = UNet(unet_config, dtype=DTYPES[dtype])
+
+    def make(params):
+        return lambda x, t: net.apply({"params": params}, x, t)
+
+    return make

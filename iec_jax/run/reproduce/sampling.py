@@ -1,0 +1,199 @@
+"""Sampling a table row: the model with its efficiency method, resumable float shards,
+the row's progress record, its paired trajectory, and the Inception features of its
+shards.
+
+Per row, under ``<workdir>/rows/<row>/``: ``samples/samples_{k:05d}.npz`` (float32 x_0;
+sample i depends only on (seed, i), so every row sees the same x_T), ``progress.json``
+(sampling seconds, samples, NFE and IEC corrections accumulated shard by shard, and the
+machines that sampled: ``devices``), ``trajectory.npz`` (the float trajectory of the
+first ``trajectory_samples`` samples) and ``features/features_{k:05d}.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import iec_jax
+from iec_jax import pipeline
+from iec_jax.io import write_json, write_npz
+from iec_jax.metrics.reference import FeatureShards
+from iec_jax.models.loading import model_fingerprint
+from iec_jax.run.reproduce.spec import (RowSpec, TableSettings, check_row_dir, parse_bits,
+                                        record_run, row_meta)
+
+__all__ = ["Table", "Progress", "run_row", "float_shards", "complete_features", "say"]
+
+
+def say(msg: str, since: float) -> None:
+    """A timestamped log line with the seconds since ``since`` (where a row's time goes)."""
+    print(f"  {time.strftime('%H:%M:%S')} {msg} ({time.time() - since:.1f} s)", flush=True)
+
+
+def device_description() -> str:
+    """``"2 × cpu (AMD EPYC …)"`` / ``"1 × NVIDIA H200"``: what sampled a shard."""
+    from iec_jax.io import host_cpu
+
+    dev = jax.devices()[0]
+    what = f"{jax.device_count()} × {getattr(dev, 'device_kind', dev.platform)}"
+    return f"{what} ({host_cpu()})" if dev.platform == "cpu" else what
+
+
+class Progress:
+    """Sampling seconds / samples / NFE of a row, accumulated shard by shard (atomic)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.data = dict(seconds=0.0, samples=0, nfe=0.0, nfe_full=0.0, nfe_partial=0.0,
+                         corrections=0.0, timed_seconds=0.0, timed_samples=0, devices=[])
+        if os.path.exists(path):
+            self.data.update(json.loads(Path(path).read_text()))
+
+    def add(self, seconds, infos: list[dict], counts: list[int], first_call: bool) -> None:
+        """``seconds``: per batch. The first batch of an invocation includes the jit
+        compilation; it is left out of the timed rate when the shard has other batches."""
+        d = self.data
+        d["device"] = device_description()
+        # A row resumed over several sittings may span machines: all of them, in order.
+        d["devices"] = list(dict.fromkeys(list(d["devices"]) + [d["device"]]))
+        d["seconds"] += float(np.sum(seconds))
+        skip = 1 if first_call and len(counts) > 1 else 0
+        d["timed_seconds"] += float(np.sum(seconds[skip:]))
+        d["timed_samples"] += int(np.sum(counts[skip:]))
+        for info, n in zip(infos, counts):
+            s = iec_jax.nfe_summary(info)
+            d["samples"] += n
+            d["nfe"] += s["nfe"] * n
+            d["nfe_full"] += s["nfe_full"] * n
+            d["nfe_partial"] += s["nfe_partial"] * n
+            d["corrections"] += s["corrections_per_sample"] * n
+        write_json(self.path, d)
+
+    def per_sample(self, key: str) -> Optional[float]:
+        n = self.data["samples"]
+        return self.data[key] / n if n else None
+
+
+class Table:
+    """Everything one table run needs: the model, the schedule and the methods."""
+
+    def __init__(self, s: TableSettings, workdir: str):
+        from iec_jax.efficient import methods
+
+        self.s = s
+        self.workdir = workdir
+        self.unet_config, self.params = s.model.load()
+        # Results are keyed by the model's content, not by where the checkpoint lies.
+        self.model_key = dict(name=s.model.name, dtype=s.model.dtype,
+                              fingerprint=model_fingerprint(self.unet_config, self.params))
+        self.schedule = s.schedule.build()
+        self.shape = (self.unet_config.sample_size, self.unet_config.sample_size,
+                      self.unet_config.in_channels)
+        self.methods = methods.MethodBuilder(
+            self.unet_config, self.params, schedule=self.schedule, shape=self.shape,
+            cache_point=s.cache_point, model_name=s.model.name, dtype=s.model.dtype,
+            calibration=s.calibration, artifact_dir=os.path.join(workdir, "artifacts"),
+            spacing=s.sampler.spacing, fingerprint=self.model_key["fingerprint"])
+
+    def timesteps(self, row: RowSpec) -> np.ndarray:
+        return self.s.sampler.timesteps(self.schedule, self.s.num_steps(row))
+
+    def denoiser(self, row: RowSpec):
+        """``(factory: params -> Denoiser, params pytree)`` of the row's efficient model."""
+        return self.methods.build(
+            num_steps=self.s.num_steps(row), bits=parse_bits(row.quant),
+            cache_interval=row.cache_interval, cache_schedule=row.cache_schedule, dec=row.dec)
+
+    def row_meta(self, row: RowSpec) -> dict:
+        return row_meta(self.s, self.model_key, row)
+
+
+def float_shards(rowdir: str, s: TableSettings) -> pipeline.SampleShards:
+    return pipeline.SampleShards(os.path.join(rowdir, "samples"), s.num_samples, s.shard_size,
+                                 np.float32)
+
+
+def feature_shards(rowdir: str, s: TableSettings) -> FeatureShards:
+    return FeatureShards(os.path.join(rowdir, "features"), float_shards(rowdir, s))
+
+
+def complete_features(rowdir: str, s: TableSettings) -> Optional[dict]:
+    """The row's features when all are on disk (None otherwise: e.g. a table assembled
+    from the small files of a row computed elsewhere)."""
+    feats = feature_shards(rowdir, s)
+    return None if feats.missing() else feats.load()
+
+
+def _trajectory(table: Table, row: RowSpec, factory, fparams, n: int) -> np.ndarray:
+    """The row's float trajectory (S, n, ...) of samples 0..n-1 (same x_T as the shards)."""
+    base = jax.random.key(table.s.seed)
+    ts = table.timesteps(row)
+
+    def run(p):
+        keys = pipeline.per_sample_keys(base, jnp.arange(n, dtype=jnp.uint32))
+        x_T, skeys = pipeline.initial_noise(keys, table.shape)
+        _, info = iec_jax.sample(factory(p), x_T, skeys, schedule=table.schedule, timesteps=ts,
+                                 eta=table.s.sampler.eta, iec=row.iec_config(),
+                                 return_trajectory=True)
+        return info["trajectory"]
+
+    return np.asarray(jax.jit(run)(fparams))
+
+
+def run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
+    """Samples the row's missing shards, its trajectory and features; returns
+    ``dict(features=..., progress=Progress)``."""
+    s = table.s
+    check_row_dir(rowdir, table.row_meta(row))
+    record_run(rowdir, s, started)
+    t0 = time.time()
+    factory, fparams = table.denoiser(row)
+    say(f"{row.name}: model built (calibrated where its artifacts were missing)", t0)
+    batch_fn = pipeline.make_batch_sampler(
+        factory, params=fparams, schedule=table.schedule, timesteps=table.timesteps(row),
+        shape=table.shape, seed=s.seed, eta=s.sampler.eta, iec=row.iec_config())
+    shards = float_shards(rowdir, s)
+    progress = Progress(os.path.join(rowdir, "progress.json"))
+    first_call = True  # its batch includes the compilation: not timed when others are
+    t0 = time.time()
+    todo = shards.missing()
+    for k in todo:
+        infos: list[dict] = []
+        stamps = [time.time()]
+        idx = shards.indices(k)
+
+        def on_batch(info):
+            infos.append(jax.device_get(info))
+            stamps.append(time.time())
+
+        pipeline.generate(batch_fn, shards, s.batch_size, only=[k], on_batch=on_batch,
+                          postprocess=lambda x: np.asarray(x, np.float32))
+        counts = [min(s.batch_size, len(idx) - i) for i in range(0, len(idx), s.batch_size)]
+        progress.add(np.diff(stamps), infos, counts, first_call=first_call)
+        first_call = False
+    if todo:
+        say(f"{row.name}: {len(todo)} shard(s) sampled", t0)
+
+    traj_path = os.path.join(rowdir, "trajectory.npz")
+    if s.trajectory_samples and not os.path.exists(traj_path):
+        t0 = time.time()
+        traj = _trajectory(table, row, factory, fparams, s.trajectory_samples)
+        write_npz(traj_path, trajectory=traj, timesteps=table.timesteps(row))
+        say(f"{row.name}: trajectory of {s.trajectory_samples} samples", t0)
+
+    features = feature_shards(rowdir, s)
+    t0 = time.time()
+    todo = features.missing()
+    for k in tqdm(todo, desc=f"features {row.name}", unit="shard"):
+        features.compute(k, s.eval.crop, s.eval.inception_batch_size)
+    if todo:
+        say(f"{row.name}: features of {len(todo)} shard(s)", t0)
+    return dict(features=features.load(), progress=progress)

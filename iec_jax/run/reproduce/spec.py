@@ -1,0 +1,348 @@
+"""What a table is: its rows (:class:`RowSpec`), its validated settings
+(:class:`TableSettings`, the config boundary of ``experiments.reproduce``), and the keys
+its cached files are stored under (a row's ``row.json``, the small per-row caches).
+
+A row directory belongs to the settings its samples depend on (``row_meta``): the model
+by content fingerprint (not by path), schedule, sampler, steps, seed, cache point, sizes,
+the calibration where the row uses it, and the batch size where IEC's batch-global stop
+test makes samples depend on it. A directory written for other settings is refused once
+anything was computed in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import iec_jax
+from iec_jax.efficient.methods import CalibrationConfig
+from iec_jax.io import write_json
+from iec_jax.run.settings import (ConfigError, EvalSettings, ModelSettings, SamplerSettings,
+                                  ScheduleSettings, check_int, check_real,
+                                  check_str, eval_settings, model_settings, sampler_settings,
+                                  schedule_settings, sizes)
+
+__all__ = ["RowSpec", "TableSettings", "table_settings", "parse_bits", "row_slug",
+           "ROW_LABELS", "batch_dependent", "row_meta", "normalize", "check_row_dir",
+           "read_cached", "cached", "record_run"]
+
+_QUANT = re.compile(r"^W(\d+)A(\d+)$")
+
+
+def parse_bits(quant: str) -> Optional[tuple[int, int]]:
+    """``"W8A8"`` -> (8, 8); ``""`` -> None."""
+    if not quant:
+        return None
+    m = _QUANT.match(quant)
+    if not m:
+        raise ValueError(f"row quant must look like 'W8A8' (or '' for float), got {quant!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def row_slug(name: str) -> str:
+    """A row's directory name under ``rows/`` (from its display name)."""
+    s = name.replace("+", "plus").replace("±", "pm").replace("/", "over")
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", s).strip("_")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    """One table row (see ``configs.base.TABLE_ROW_DEFAULTS`` for the fields)."""
+
+    name: str
+    quant: str = ""
+    cache_interval: int = 0
+    cache_schedule: str = "uniform"
+    dec: bool = False
+    iec: str = "none"
+    iec_steps: str = ""
+    fraction: float = 0.0
+    step_sizes: tuple = ()
+    num_steps: int = 0
+    baseline: str = ""
+    paper_fid: str = ""
+    paper_gain: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d) -> "RowSpec":
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"table row {d.get('name')!r}: unknown field(s) {unknown}")
+        d["step_sizes"] = tuple(float(s) for s in d.get("step_sizes", ()))
+        return cls(**d)
+
+    def __post_init__(self):
+        def fail(field, msg):
+            raise ValueError(f"table row {self.name!r}: {field} {msg}")
+
+        if not isinstance(self.name, str) or not re.match(r"^[A-Za-z0-9 =+±/.,()_-]+$", self.name):
+            fail("name", f"must be non-empty plain text, got {self.name!r}")
+        parse_bits(self.quant)
+        for field in ("cache_interval", "num_steps"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                fail(field, f"must be an integer >= 0, got {v!r}")
+        if self.cache_schedule not in ("uniform", "nonuniform", "dps"):
+            fail("cache_schedule", f"must be uniform, nonuniform or dps, got {self.cache_schedule!r}")
+        if not isinstance(self.dec, bool):
+            fail("dec", f"must be True or False, got {self.dec!r}")
+        if self.dec and not self.cache_interval:
+            fail("dec", "(CacheQuant DEC) needs a cache (cache_interval > 0)")
+        if self.iec not in ("none",) + tuple(iec_jax.iec.PRESETS):
+            fail("iec", f"must be 'none' or one of {tuple(iec_jax.iec.PRESETS)}, got {self.iec!r}")
+        if self.iec == "none" and (self.iec_steps or self.step_sizes or self.fraction):
+            fail("iec", "is 'none' but IEC options are set")
+        if self.iec_steps not in ("", "all", "full_compute", "head_tail"):
+            fail("iec_steps", f"must be '', all, full_compute or head_tail, got {self.iec_steps!r}")
+        if (self.iec_steps == "head_tail") != (self.fraction > 0):
+            fail("fraction", "must be > 0 exactly when iec_steps='head_tail'")
+        if self.iec != "none":
+            self.iec_config()  # the IEC options themselves (step sizes, fraction) are valid
+
+    @property
+    def slug(self) -> str:
+        return row_slug(self.name)
+
+    def iec_config(self) -> Optional[iec_jax.IECConfig]:
+        if self.iec == "none":
+            return None
+        over: dict[str, Any] = {}
+        steps = self.iec_steps or ("full_compute" if self.cache_interval else "all")
+        over["steps"] = steps
+        if steps == "head_tail":
+            over["fraction"] = self.fraction
+        if self.step_sizes:
+            over["step_sizes"] = self.step_sizes
+        return iec_jax.IECConfig.preset(self.iec, **over)
+
+
+# RowSpec fields that label a row without changing its samples (left out of comparisons).
+ROW_LABELS = ("baseline", "paper_fid", "paper_gain")
+
+
+def batch_dependent(row: RowSpec) -> bool:
+    """Whether the row's samples depend on the batch size: IEC's batch-global stop test
+    (``convergence="batch"``, every preset's, as in the official code) takes one decision
+    per batch. Such rows record their batch size in row.json, so a resumed run with
+    another ``batch_size`` is refused instead of mixing shards."""
+    iec = row.iec_config()
+    return iec is not None and iec.convergence == "batch" and iec.tolerance > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSettings:
+    """A validated table config (``configs/<dataset>/table*.py``)."""
+
+    name: str
+    table: str
+    seed: int
+    num_samples: int
+    batch_size: int
+    shard_size: int
+    model: ModelSettings
+    schedule: ScheduleSettings
+    sampler: SamplerSettings
+    cache_point: tuple
+    trajectory_samples: int
+    reference_row: str
+    bootstrap: int
+    fid_infinity: int
+    time_budget_s: Optional[float]
+    calibration: CalibrationConfig
+    eval: EvalSettings
+    rows: tuple  # every row of the table (RowSpec)
+    selected: tuple  # the rows this run computes (--config.only), FP first
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def reference(self) -> RowSpec:
+        return next(r for r in self.rows if r.name == self.reference_row)
+
+    def num_steps(self, row: RowSpec) -> int:
+        return row.num_steps or self.sampler.num_steps
+
+
+def _rows(cfg) -> tuple[RowSpec, ...]:
+    raw = cfg.get("rows") or []
+    if not raw:
+        raise ConfigError("rows", "must list at least one row")
+    rows = []
+    for i, d in enumerate(raw):
+        try:
+            rows.append(RowSpec.from_dict(d))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"rows[{i}]", str(e)) from None
+    names = [r.name for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError("rows", "must have distinct names", dup)
+    slugs = [r.slug for r in rows]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError("rows", "names must differ as directory names", slugs)
+    for r in rows:
+        if r.baseline and r.baseline not in names:
+            raise ConfigError("rows", f"row {r.name!r}: baseline must be a row of this table",
+                              r.baseline)
+    return tuple(rows)
+
+
+def table_settings(cfg) -> TableSettings:
+    """A table config -> :class:`TableSettings`, or :class:`ConfigError` naming the field
+    (settings are returned as they are)."""
+    if isinstance(cfg, TableSettings):
+        return cfg
+    from iec_jax.metrics.inception import POOL_DIM
+    from iec_jax.models.unet import CachePoint
+
+    seed, n, b, shard = sizes(cfg)
+    schedule = schedule_settings(cfg.schedule)
+    sampler = sampler_settings(cfg.sampler, schedule)
+    rows = _rows(cfg)
+    names = [r.name for r in rows]
+    ref = cfg.get("reference_row", "FP")
+    if ref not in names:
+        raise ConfigError("reference_row", f"must be a row of this table ({', '.join(names)})", ref)
+    ref_row = rows[names.index(ref)]
+    if ref_row.quant or ref_row.cache_interval or ref_row.iec != "none" or ref_row.num_steps:
+        raise ConfigError("reference_row", "must be the plain full-precision row", ref)
+    for r in rows:
+        if r.num_steps > schedule.num_timesteps:
+            raise ConfigError("rows", f"row {r.name!r}: num_steps must be <="
+                              f" schedule.num_timesteps={schedule.num_timesteps}", r.num_steps)
+    selected = rows
+    only = cfg.get("only")
+    if only is not None:
+        wanted = [w.strip() for w in check_str(only, "only").split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in names]
+        if unknown or not wanted:
+            raise ConfigError("only", f"must name rows of this table; unknown rows {unknown}"
+                              f" (rows: {', '.join(names)})")
+        selected = tuple(r for r in rows if r.name in wanted)
+    selected = tuple(sorted(selected, key=lambda r: r.name != ref))  # FP first
+    points = check_int(cfg.get("fid_infinity", 0) or 0, "fid_infinity", 0)
+    if points and points < 3:
+        raise ConfigError("fid_infinity", "must be 0 (off) or >= 3 subset sizes", points)
+    if points and n // 4 <= POOL_DIM:
+        raise ConfigError("fid_infinity", f"needs num_samples > {4 * POOL_DIM} (its subsets of N/4"
+                          f" to N samples must exceed the {POOL_DIM} Inception features), not"
+                          f" with num_samples={n}", points)
+    budget = cfg.get("time_budget_s")
+    budget = None if budget is None else check_real(budget, "time_budget_s", minimum=0.0)
+    try:
+        cp = tuple(CachePoint(*(check_int(i, "cache_point", 0) for i in cfg.cache_point)))
+    except TypeError:
+        raise ConfigError("cache_point", "must be (up_block, resnet)", cfg.cache_point) from None
+    cal = dict(cfg.calibration)
+    try:
+        calibration = CalibrationConfig(**cal)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("calibration", str(e)) from None
+    table = check_str(cfg.table, "table", pattern=r"^[A-Za-z0-9_-]+$")
+    boot = check_int(cfg.get("bootstrap", 0), "bootstrap", 0)
+    if boot == 1:
+        raise ConfigError("bootstrap", "must be 0 (off) or >= 2 replicates", boot)
+    return TableSettings(
+        name=check_str(cfg.get("name", "") or table, "name"), table=table, seed=seed,
+        num_samples=n, batch_size=b, shard_size=shard, model=model_settings(cfg.model),
+        schedule=schedule, sampler=sampler, cache_point=cp,
+        trajectory_samples=check_int(cfg.get("trajectory_samples", 0), "trajectory_samples", 0, n),
+        reference_row=ref, bootstrap=boot,
+        fid_infinity=points, time_budget_s=budget, calibration=calibration,
+        eval=eval_settings(cfg.eval), rows=rows, selected=selected,
+        raw=cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+
+
+# --------------------------------------------------------------------- row keys
+def row_meta(s: TableSettings, model_key: dict, row: RowSpec) -> dict:
+    """What the row's samples depend on (the calibration only where it is used)."""
+    meta = dict(row=dataclasses.asdict(row), model=dict(model_key),
+                schedule=dataclasses.asdict(s.schedule), sampler=dataclasses.asdict(s.sampler),
+                num_steps=s.num_steps(row), seed=s.seed, cache_point=list(s.cache_point),
+                num_samples=s.num_samples, shard_size=s.shard_size)
+    if batch_dependent(row):
+        meta["batch_size"] = s.batch_size
+    cal = s.calibration
+    if row.quant:
+        meta["calibration"] = cal.to_dict()
+    elif row.dec or (row.cache_interval and row.cache_schedule == "dps"):
+        meta["calibration"] = dict(num_samples=cal.num_samples, seed=cal.seed,
+                                   dps_samples=cal.dps_samples)
+    elif row.cache_interval and row.cache_schedule == "nonuniform":
+        meta["calibration"] = dict(nonuniform_center=cal.nonuniform_center,
+                                   nonuniform_pow=cal.nonuniform_pow)
+    return meta
+
+
+def normalize(stored) -> Any:
+    """A stored key in comparable form: JSON-plain, each row's labels (baseline, paper
+    cells: they do not change its samples) dropped."""
+    def walk(d):
+        if isinstance(d, list):
+            return [walk(v) for v in d]
+        if not isinstance(d, dict):
+            return d
+        d = {k: walk(v) for k, v in d.items()}
+        if isinstance(d.get("row"), dict):
+            d["row"] = {k: v for k, v in d["row"].items() if k not in ROW_LABELS}
+        return d
+
+    return walk(json.loads(json.dumps(stored)))
+
+
+def check_row_dir(rowdir: str, meta: dict) -> None:
+    """Refuses a row directory written for other settings (labels do not count) once
+    anything was computed in it; brings its row.json up to date when only labels differ,
+    or when it holds nothing but its row.json."""
+    path = os.path.join(rowdir, "row.json")
+    meta = json.loads(json.dumps(meta))
+    if os.path.exists(path):
+        old = json.loads(Path(path).read_text())
+        a, b = normalize(old), normalize(meta)
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if any(q.is_file() and q.name != "row.json" for q in Path(rowdir).rglob("*")):
+                raise ValueError(f"{rowdir} was generated with other settings ({diff}); use"
+                                 " another --workdir or remove the directory")
+            print(f"{rowdir}: row.json written for other settings ({diff}) but nothing"
+                  " computed under them; replaced", flush=True)
+        if old != meta:
+            write_json(path, meta)
+    else:
+        write_json(path, meta)
+
+
+def read_cached(path: str, key: dict):
+    """The value kept in ``path`` for ``key`` (None when absent or kept for another key)."""
+    if os.path.exists(path):
+        d = json.loads(Path(path).read_text())
+        if "key" in d and normalize(d["key"]) == normalize(key):
+            return d["value"]
+    return None
+
+
+def cached(path: str, key: dict, compute):
+    """``compute()``'s value, kept in ``path`` with ``key`` (recomputed when the key
+    differs; a None value is not kept): a row's metrics, its distances to the FP row, the
+    passes' FLOPs."""
+    value = read_cached(path, key)
+    if value is None:
+        value = compute()
+        if value is not None:
+            write_json(path, dict(key=json.loads(json.dumps(key)), value=value))
+    return value
+
+
+def record_run(rowdir: str, s: TableSettings, started: float) -> None:
+    """Appends the run's whole config to the row's ``row_config.json`` (the table-level
+    ``<table>_config.json`` is rewritten by every later run in the same work directory)."""
+    path = os.path.join(rowdir, "row_config.json")
+    runs = json.loads(Path(path).read_text())["runs"] if os.path.exists(path) else []
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+    write_json(path, dict(runs=runs + [dict(started=stamp, config=dict(s.raw))]))
