@@ -45,7 +45,7 @@ EXTRAS = {
     ],
 }
 # TensorBoard event files from training: clu's metric writers need TensorFlow.
-EXTRAS["tensorboard"] = ["tensorflow-cpu==2.21.0"]
+EXTRAS["tensorboard"] = ["tensorflow-cpu==2.21.0", "tensorboard==2.20.0"]
 EXTRAS["test"] = EXTRAS["torch"] + EXTRAS["tensorboard"] + [
     "pytest==9.2.0",
     # The PyTorch CLIP text encoder the Flax port is tested against.

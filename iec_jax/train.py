@@ -566,15 +566,12 @@ def dataset_batches(config: TrainConfig, start_step: int = 0) -> Iterator[np.nda
 
 
 # ---------------------------------------------------------------------- metrics
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    """Window averages of the step metrics, accumulated on the device (no host sync
-    until ``compute``)."""
-
-    loss: clu_metrics.Average.from_output("loss")
-    grad_norm: clu_metrics.Average.from_output("grad_norm")
-    learning_rate: clu_metrics.Average.from_output("learning_rate")
-    ema_decay: clu_metrics.Average.from_output("ema_decay")
+# Window averages of the step metrics, accumulated on the device (no host sync until
+# ``compute``). Built with ``create``: this module's postponed annotations would hide the
+# metric classes from a class body.
+TrainMetrics = clu_metrics.Collection.create(
+    **{name: clu_metrics.Average.from_output(name)
+       for name in ("loss", "grad_norm", "learning_rate", "ema_decay")})
 
 
 def metric_writer(workdir: str):

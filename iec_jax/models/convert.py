@@ -4,7 +4,7 @@ Two source layouts:
 
 * ``"diffusers"``: a ``UNet2DModel`` folder (``config.json`` and
   ``diffusion_pytorch_model.safetensors`` or ``.bin``), e.g. google/ddpm-cifar10-32 or
-  ``../shared/models/fmnist-ddpm``;
+  the bundled Fashion-MNIST reference checkpoint (iec_jax/assets/fmnist-ddpm);
 * ``"ddpm_original"``: the original DDPM checkpoint in the pytorch_diffusion layout, as the
   official IEC code loads it (``ema_diffusion_cifar10_model/model-790000.ckpt``, a plain
   state dict). It has no config: pass one (default :meth:`UNetConfig.ddpm_cifar10`).
@@ -33,6 +33,10 @@ with resnet names temb_proj -> time_emb_proj, nin_shortcut -> conv_shortcut (nor
 conv1, norm2, conv2 unchanged) and attention names norm -> group_norm, q/k/v -> to_q/
 to_k/to_v, proj_out -> to_out.0 (the 1×1 conv weights (c, c, 1, 1) become linear
 weights (c, c)).
+
+The CompVis latent-diffusion layout (``model.diffusion_model.input_blocks...``) is
+converted by :mod:`iec_jax.models.convert_compvis` onto diffusers names and then through
+:func:`params_from_diffusers_state_dict`.
 
 Conversion is strict: missing, unexpected and mis-shaped tensors are collected and
 reported together in one ValueError, and :func:`convert_checkpoint` writes nothing unless

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["ASSETS_DIR", "BUNDLED", "DTYPES", "resolve_source", "load_unet",
-           "model_fingerprint", "unet_denoiser"]
+           "load_diffusers", "module_for", "model_fingerprint", "unet_denoiser"]
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 
@@ -96,6 +96,57 @@ def _fingerprint_config(config) -> dict:
         if f.name in _FINGERPRINT_V1_FIELDS or value != default:
             out[f.name] = value
     return json.loads(json.dumps(out, default=list))
+
+
+def load_diffusers(folder: Union[str, os.PathLike]):
+    """``(config, params)`` of one model folder in the diffusers (or transformers) format,
+    dispatching on its ``config.json``: ``_class_name`` ``UNet2DModel``,
+    ``UNet2DConditionModel``, ``VQModel`` or ``AutoencoderKL`` (diffusers), or
+    ``architectures`` ``CLIPTextModel`` / ``CLIPModel`` (transformers: the text tower).
+    Strict: missing, unexpected and mis-shaped tensors are listed in one ValueError."""
+    path = Path(folder)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{folder} has no config.json (not a diffusers or transformers model folder)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"could not read {cfg_path}: {e}") from None
+    name = cfg.get("_class_name")
+    if name in (None, "UNet2DModel") and "architectures" not in cfg:
+        from iec_jax.models.convert import load_diffusers as load_unet2d
+
+        return load_unet2d(path)
+    if name == "UNet2DConditionModel":
+        from iec_jax.models.unet_cond import load_diffusers_unet_condition
+
+        return load_diffusers_unet_condition(path)
+    if name in ("VQModel", "AutoencoderKL"):
+        from iec_jax.models.autoencoder import load_diffusers_autoencoder
+
+        return load_diffusers_autoencoder(path)
+    if set(cfg.get("architectures") or ()) & {"CLIPTextModel", "CLIPModel"}:
+        from iec_jax.models.clip import load_transformers_clip
+
+        return load_transformers_clip(path)
+    raise ValueError(f"{folder}: unsupported model class {name or cfg.get('architectures')!r};"
+                     " supported: UNet2DModel, UNet2DConditionModel, VQModel, AutoencoderKL,"
+                     " CLIPTextModel")
+
+
+def module_for(config, dtype=jnp.float32):
+    """The Flax module of a model config from :func:`load_diffusers` (``UNet``,
+    ``UNetCondition``, ``Autoencoder`` or ``CLIPTextModel``), computing in ``dtype``."""
+    from iec_jax.models.autoencoder import Autoencoder, AutoencoderConfig
+    from iec_jax.models.clip import CLIPTextConfig, CLIPTextModel
+    from iec_jax.models.unet import UNet, UNetConfig
+    from iec_jax.models.unet_cond import UNetCondition, UNetConditionConfig
+
+    for cfg_cls, module in ((UNetConfig, UNet), (UNetConditionConfig, UNetCondition),
+                            (AutoencoderConfig, Autoencoder), (CLIPTextConfig, CLIPTextModel)):
+        if isinstance(config, cfg_cls):
+            return module(config, dtype=dtype)
+    raise ValueError(f"no module for a {type(config).__name__}")
 
 
 def model_fingerprint(config, params) -> str:

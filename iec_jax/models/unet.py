@@ -2,10 +2,13 @@
 partial passes.
 
 Covered configurations: google/ddpm-cifar10-32 (the DDPM CIFAR-10 UNet, 35.7M
-parameters; ``UNetConfig.ddpm_cifar10()``), the project's reference checkpoint
-``../shared/models/fmnist-ddpm`` (2.24M parameters) and every other ``UNet2DModel`` config
-built from the same parts (see :class:`UNetConfig` for the accepted options; anything else
-raises a ValueError naming the field).
+parameters; ``UNetConfig.ddpm_cifar10()``), the bundled Fashion-MNIST reference checkpoint
+(iec_jax/assets/fmnist-ddpm, 2.24M parameters), the two unconditional LSUN latent-diffusion
+UNets (``UNetConfig.ldm_lsun_bedroom()``, LDM-4 on 64×64×3 latents, and
+``UNetConfig.ldm_lsun_church()``, LDM-8 on 32×32×4 latents: scale-shift time conditioning,
+resnet down/upsamplers, 8 attention heads everywhere) and every other ``UNet2DModel``
+config built from the same parts (see :class:`UNetConfig` for the accepted options;
+anything else raises a ValueError naming the field).
 
 Module names mirror diffusers' state-dict keys with ``.<i>`` list indices written
 ``_<i>``, so conversion is a rename plus a layout change per tensor
@@ -20,6 +23,7 @@ Module names mirror diffusers' state-dict keys with ``.<i>`` list indices writte
     mid_block.attentions.0.to_out.0.weight         mid_block/attentions_0/to_out_0/kernel
     up_blocks.2.resnets.2.conv_shortcut.weight     up_blocks_2/resnets_2/conv_shortcut/kernel
     up_blocks.2.upsamplers.0.conv.weight           up_blocks_2/upsamplers_0/conv/kernel
+    up_blocks.0.upsamplers.0.conv1.weight          up_blocks_0/upsamplers_0/conv1/kernel
     conv_norm_out.weight                           conv_norm_out/scale
     conv_out.weight                                conv_out/kernel
 
@@ -28,6 +32,8 @@ are ``temb.dense.{0,1}``, ``down.<i>.block.<j>``, ``down.<i>.attn.<j>``,
 ``down.<i>.downsample``, ``mid.block_1/attn_1/block_2``, ``up.<L-1-i>.block.<j>``,
 ``up.<L-1-i>.attn.<j>``, ``up.<L-1-i>.upsample``, ``norm_out``: the up path is indexed in
 reverse (pytorch_diffusion's ``up[3]`` runs first and is diffusers' ``up_blocks[0]``).
+The CompVis latent-diffusion layout (``input_blocks`` / ``middle_block`` /
+``output_blocks``) is converted by :mod:`iec_jax.models.convert_compvis`.
 
 Calling convention: ``UNet(config).apply(params, x, t)`` with ``x`` (b, h, w, c) NHWC
 float and ``t`` int32 (b,) returns ε (b, h, w, out_channels) in ``x``'s dtype.
@@ -37,7 +43,7 @@ parameters (GroupNorm statistics and the attention softmax stay in float32).
 On GPU, float32 convolutions may run in TF32 under JAX's default precision; wrap calls in
 ``jax.default_matmul_precision("highest")`` for comparisons at float32 accuracy.
 
-DeepCache partial passes (PAPER.md §6.2). A *cache point* ``CachePoint(up_block,
+DeepCache partial passes (docs/semantics.md §4). A *cache point* ``CachePoint(up_block,
 resnet)`` names the feature entering ``up_blocks[up_block].resnets[resnet]``, before it
 is concatenated with its skip connection. A full pass with ``return_feature=True``
 returns ``(eps, feature)``; a partial pass ``cached_feature=feature`` runs the time
@@ -45,7 +51,9 @@ embedding, only the down-path layers that produce the skip connections the remai
 up path consumes, and the up path from the cache point on (mid block and deeper layers
 are skipped). With the feature of a full pass at the same input it returns the full
 pass's ε. The default :data:`DEEPCACHE_DDPM_CACHE_POINT` is DeepCache's DDPM CIFAR-10
-setting (see there).
+setting (see there); :func:`deepcache_ldm_cache_point` is its latent-diffusion setting. A
+resnet down/upsampler (``downsample_type`` / ``upsample_type`` "resnet") counts as the
+block's downsampler / upsampler: skips and cache points are the same as with convs.
 """
 
 from __future__ import annotations
@@ -66,6 +74,7 @@ __all__ = [
     "UNet",
     "CachePoint",
     "DEEPCACHE_DDPM_CACHE_POINT",
+    "deepcache_ldm_cache_point",
     "cache_point_from_deepcache_branch",
     "num_skips_needed",
     "validate_cache_point",
@@ -77,8 +86,10 @@ __all__ = [
 
 Dtype = Any
 
-DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
-UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
+RESAMPLE_TYPES = ("conv", "resnet")
 
 # UNet2DModel.__init__ defaults in diffusers 0.42.1: from_diffusers fills keys missing from
 # an (older) config.json with these, as diffusers itself does (tests check the table).
@@ -118,10 +129,7 @@ DIFFUSERS_DEFAULTS: Mapping[str, Any] = {
 _FIXED_OPTIONS: Mapping[str, tuple[tuple[Any, ...], str]] = {
     "time_embedding_type": (("positional",), "sinusoidal timestep embedding"),
     "mid_block_type": (("UNetMidBlock2D",), "resnet-attention-resnet middle block"),
-    "downsample_type": (("conv",), "strided 3x3 conv downsampling"),
-    "upsample_type": (("conv",), "nearest x2 + 3x3 conv upsampling"),
     "act_fn": (("silu", "swish"), "SiLU activations"),
-    "resnet_time_scale_shift": (("default",), "additive time embedding in resnets"),
     "add_attention": ((True,), "attention in the middle block"),
     "class_embed_type": ((None,), "no class conditioning"),
     "num_class_embeds": ((None,), "no class conditioning"),
@@ -146,19 +154,43 @@ class UNetConfig:
       time_embedding_dim: width of the time embedding (None: 4 * block_out_channels[0]).
       freq_shift, flip_sin_to_cos: sinusoidal embedding options (diffusers
         ``get_timestep_embedding``'s downscale_freq_shift and flip_sin_to_cos).
-      down_block_types: per level, "DownBlock2D" or "AttnDownBlock2D".
-      up_block_types: per level from the deepest, "UpBlock2D" or "AttnUpBlock2D".
+      down_block_types: per level, "DownBlock2D" (resnets, conv downsampler),
+        "AttnDownBlock2D" (resnet + attention pairs, downsampler per downsample_type) or
+        "ResnetDownsampleBlock2D" (resnets, resnet downsampler).
+      up_block_types: per level from the deepest, "UpBlock2D" (conv upsampler),
+        "AttnUpBlock2D" (upsampler per upsample_type) or "ResnetUpsampleBlock2D"
+        (resnet upsampler).
       block_out_channels: channels per level (shallowest first).
       layers_per_block: resnets per down block (up blocks have one more).
       mid_block_scale_factor: the middle block's residual output scale (divisor).
       downsample_padding: 0 = pad (0, 1, 0, 1) then a stride-2 conv without padding
         (DDPM); p > 0 = symmetric padding p.
       dropout: resnet dropout rate, active only with ``train=True``.
-      attention_head_dim: channels per attention head (None: one head).
+      attention_head_dim: channels per attention head (None: one head), unless
+        num_attention_heads is set.
       norm_num_groups: GroupNorm groups everywhere except the mid-block attention if
         attn_norm_num_groups is set.
       attn_norm_num_groups: GroupNorm groups of the mid-block attention (None: as above).
+        Required with resnet_time_scale_shift "scale_shift": diffusers then drops the
+        mid-block attention's GroupNorm when it is None, a variant not implemented here.
       norm_eps: GroupNorm epsilon.
+      resnet_time_scale_shift: "default" (h = norm2(conv1(·) + time_emb_proj(temb))) or
+        "scale_shift" (time_emb_proj gives 2C channels, chunked (scale, shift);
+        h = norm2(conv1(·)) * (1 + scale) + shift: CompVis ``use_scale_shift_norm``).
+      downsample_type: the downsampler of AttnDownBlock2D levels: "conv" (strided 3×3
+        conv) or "resnet" (a ResnetBlock2D that 2×2-average-pools after norm1 + SiLU and
+        on its shortcut: CompVis ``resblock_updown``). diffusers ignores the option for
+        DownBlock2D, so "resnet" together with a downsampling DownBlock2D is rejected
+        (use ResnetDownsampleBlock2D).
+      upsample_type: likewise for AttnUpBlock2D levels: "conv" (nearest ×2, 3×3 conv)
+        or "resnet" (a ResnetBlock2D upsampling nearest ×2 inside); "resnet" together
+        with an upsampling UpBlock2D is rejected (use ResnetUpsampleBlock2D).
+      num_attention_heads: not a diffusers option: a fixed number of heads for every
+        attention layer (head dim = channels / heads), overriding attention_head_dim.
+        The CompVis LSUN-Church UNet has 8 heads everywhere (``num_heads: 8``); in
+        diffusers that network is built with the default attention_head_dim and then
+        ``attn.heads = 8`` set on every ``Attention`` (the attention scale follows the
+        head dim). :meth:`from_diffusers` leaves it None; :meth:`to_diffusers` omits it.
     """
 
     sample_size: Any = 32
@@ -179,6 +211,10 @@ class UNetConfig:
     norm_num_groups: int = 32
     attn_norm_num_groups: Optional[int] = None
     norm_eps: float = 1e-6
+    resnet_time_scale_shift: str = "default"
+    downsample_type: str = "conv"
+    upsample_type: str = "conv"
+    num_attention_heads: Optional[int] = None
 
     def __post_init__(self):
         def fail(field, msg):
@@ -231,15 +267,50 @@ class UNetConfig:
                 "attn_norm_num_groups",
                 f"{self.attn_norm_num_groups} does not divide {self.block_out_channels[-1]} channels",
             )
+        attn_channels = {self.block_out_channels[-1]}
+        attn_channels |= {c for c, b in zip(self.block_out_channels, self.down_block_types) if b == "AttnDownBlock2D"}
+        attn_channels |= {
+            c for c, b in zip(self.block_out_channels[::-1], self.up_block_types) if b == "AttnUpBlock2D"
+        }
         if self.attention_head_dim is not None:
-            attn_channels = {self.block_out_channels[-1]}
-            attn_channels |= {c for c, b in zip(self.block_out_channels, self.down_block_types) if b == "AttnDownBlock2D"}
-            attn_channels |= {
-                c for c, b in zip(self.block_out_channels[::-1], self.up_block_types) if b == "AttnUpBlock2D"
-            }
             bad = sorted(c for c in attn_channels if c % self.attention_head_dim)
             if self.attention_head_dim < 1 or bad:
                 fail("attention_head_dim", f"{self.attention_head_dim} does not divide attention widths {bad}")
+        if self.num_attention_heads is not None:
+            heads = self.num_attention_heads
+            if not isinstance(heads, (int, np.integer)) or isinstance(heads, bool) or heads < 1:
+                fail("num_attention_heads", f"must be a positive integer or None, got {heads!r}")
+            bad = sorted(c for c in attn_channels if c % heads)
+            if bad:
+                fail("num_attention_heads", f"{heads} heads do not divide attention widths {bad}")
+        for name, allowed in (
+            ("resnet_time_scale_shift", TIME_SCALE_SHIFTS),
+            ("downsample_type", RESAMPLE_TYPES),
+            ("upsample_type", RESAMPLE_TYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                fail(name, f"{getattr(self, name)!r} is not supported; supported: {list(allowed)}")
+        if self.resnet_time_scale_shift == "scale_shift" and self.attn_norm_num_groups is None:
+            fail(
+                "resnet_time_scale_shift",
+                "'scale_shift' needs attn_norm_num_groups: without it diffusers drops the"
+                " mid-block attention's GroupNorm, which this UNet does not implement"
+                " (CompVis UNets keep it: set attn_norm_num_groups = norm_num_groups)",
+            )
+        plain_down = [i for i, b in enumerate(self.down_block_types[:-1]) if b == "DownBlock2D"]
+        if self.downsample_type == "resnet" and plain_down:
+            fail(
+                "downsample_type",
+                f"'resnet' applies to AttnDownBlock2D only; DownBlock2D level(s) {plain_down} would keep"
+                " conv downsamplers (diffusers ignores the option there): use ResnetDownsampleBlock2D",
+            )
+        plain_up = [i for i, b in enumerate(self.up_block_types[:-1]) if b == "UpBlock2D"]
+        if self.upsample_type == "resnet" and plain_up:
+            fail(
+                "upsample_type",
+                f"'resnet' applies to AttnUpBlock2D only; UpBlock2D level(s) {plain_up} would keep"
+                " conv upsamplers (diffusers ignores the option there): use ResnetUpsampleBlock2D",
+            )
 
     # ------------------------------------------------------------------ derived
     @property
@@ -251,14 +322,79 @@ class UNetConfig:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
     def attention_heads(self, channels: int) -> int:
-        """Heads of an attention layer of this width (diffusers: channels // head_dim)."""
+        """Heads of an attention layer of this width: num_attention_heads if set, else
+        channels // attention_head_dim as diffusers computes it (one head if None)."""
+        if self.num_attention_heads is not None:
+            return int(self.num_attention_heads)
         return 1 if self.attention_head_dim is None else channels // self.attention_head_dim
+
+    def downsampler_type(self, level: int) -> Optional[str]:
+        """The downsampler of ``down_blocks[level]``: None (deepest level), "conv" or "resnet"."""
+        if level == self.num_levels - 1:
+            return None
+        block = self.down_block_types[level]
+        return {"DownBlock2D": "conv", "ResnetDownsampleBlock2D": "resnet"}.get(block, self.downsample_type)
+
+    def upsampler_type(self, up_block: int) -> Optional[str]:
+        """The upsampler of ``up_blocks[up_block]``: None (last block), "conv" or "resnet"."""
+        if up_block == self.num_levels - 1:
+            return None
+        block = self.up_block_types[up_block]
+        return {"UpBlock2D": "conv", "ResnetUpsampleBlock2D": "resnet"}.get(block, self.upsample_type)
 
     # ----------------------------------------------------------- constructors
     @classmethod
     def ddpm_cifar10(cls) -> "UNetConfig":
         """google/ddpm-cifar10-32 = the original DDPM CIFAR-10 model (``model-790000.ckpt``)."""
         return cls()
+
+    @classmethod
+    def ldm_lsun_bedroom(cls) -> "UNetConfig":
+        """The LDM-4 LSUN-Bedroom UNet (CompVis ``lsun_beds256``: model_channels 224,
+        channel_mult (1, 2, 3, 4), 2 res blocks, attention at 32/16/8 latent pixels,
+        num_head_channels 32) on 64×64×3 latents; 274M parameters."""
+        return cls(
+            sample_size=64,
+            in_channels=3,
+            out_channels=3,
+            freq_shift=0,
+            flip_sin_to_cos=True,
+            down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * 3,
+            up_block_types=("AttnUpBlock2D",) * 3 + ("UpBlock2D",),
+            block_out_channels=(224, 448, 672, 896),
+            layers_per_block=2,
+            downsample_padding=1,
+            dropout=0.0,
+            attention_head_dim=32,
+            norm_eps=1e-5,
+        )
+
+    @classmethod
+    def ldm_lsun_church(cls) -> "UNetConfig":
+        """The LDM-8 LSUN-Church UNet (CompVis ``lsun_churches256``: model_channels 192,
+        channel_mult (1, 2, 2, 4, 4), 2 res blocks, attention at 32/16/8/4 latent pixels,
+        num_heads 8, use_scale_shift_norm, resblock_updown) on 32×32×4 latents; 295M
+        parameters."""
+        return cls(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            freq_shift=0,
+            flip_sin_to_cos=True,
+            down_block_types=("AttnDownBlock2D",) * 4 + ("DownBlock2D",),
+            up_block_types=("ResnetUpsampleBlock2D",) + ("AttnUpBlock2D",) * 4,
+            block_out_channels=(192, 384, 384, 768, 768),
+            layers_per_block=2,
+            downsample_padding=1,
+            dropout=0.0,
+            attention_head_dim=8,
+            attn_norm_num_groups=32,
+            norm_eps=1e-5,
+            resnet_time_scale_shift="scale_shift",
+            downsample_type="resnet",
+            upsample_type="resnet",
+            num_attention_heads=8,
+        )
 
     @classmethod
     def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
@@ -287,9 +423,13 @@ class UNetConfig:
         return cls(**opts)
 
     def to_diffusers(self) -> dict[str, Any]:
-        """The equivalent diffusers config dict (``UNet2DModel(**cfg)`` builds the same net)."""
+        """The equivalent diffusers config dict (``UNet2DModel(**cfg)`` builds the same net,
+        except that a set ``num_attention_heads``, which is no diffusers option, is left
+        out: set ``heads`` on every ``Attention`` of the built model to it)."""
         cfg = {key: allowed[0] for key, (allowed, _) in _FIXED_OPTIONS.items()}
         for f in dataclasses.fields(self):
+            if f.name == "num_attention_heads":
+                continue
             value = getattr(self, f.name)
             cfg[f.name] = list(value) if isinstance(value, tuple) else value
         return cfg
@@ -330,6 +470,16 @@ class CachePoint(NamedTuple):
 # ``down_blocks[0].downsamplers[0]``. The partial pass then needs only conv_in and
 # down_blocks[0] (two resnets and the downsampler), as DeepCache's own partial path does.
 DEEPCACHE_DDPM_CACHE_POINT = CachePoint(up_block=2, resnet=2)
+
+
+def deepcache_ldm_cache_point(config: UNetConfig) -> CachePoint:
+    """DeepCache's latent-diffusion setting, ``CachePoint(levels - 1, layers_per_block)``:
+    the feature entering the last up block's last resnet, i.e. the output of
+    ``up_blocks[-1].resnets[-2]`` (``.attentions[-2]`` when that block has attention; LSUN
+    Bedroom: the resnet, LSUN Church: the attention; CompVis: the input of the last
+    ``output_blocks`` entry), the shallowest cache point (docs/semantics.md §4). The
+    partial pass computes only the ``conv_in`` skip."""
+    return validate_cache_point(config, CachePoint(config.num_levels - 1, config.layers_per_block))
 
 
 def cache_point_from_deepcache_branch(branch: int, config: UNetConfig) -> CachePoint:
@@ -428,12 +578,29 @@ class TimestepEmbedding(nn.Module):
 
 
 # ------------------------------------------------------------------------- blocks
-class ResnetBlock2D(nn.Module):
-    """diffusers ``ResnetBlock2D`` (time_embedding_norm "default"), DDPM ``ResnetBlock``.
+def _avg_pool_2x2(x):
+    """2×2 average pooling, stride 2 (NHWC; torch ``avg_pool2d(x, 2, 2)``)."""
+    b, height, width, c = x.shape
+    return x.reshape(b, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
 
-    h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb)); h = conv2(dropout(silu(norm2(h))));
-    out = (shortcut(x) + h) / output_scale_factor, shortcut = 1×1 ``conv_shortcut`` (DDPM
-    ``nin_shortcut``) when the channel count changes.
+
+def _upsample_nearest_2x(x):
+    """Nearest-neighbour ×2 upsampling (NHWC; torch ``interpolate(scale_factor=2.0)``)."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class ResnetBlock2D(nn.Module):
+    """diffusers ``ResnetBlock2D``, DDPM ``ResnetBlock``, CompVis ``ResBlock``.
+
+    time_embedding_norm "default": h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb));
+    "scale_shift": time_emb_proj gives 2C channels, (scale, shift) = chunk(·, 2) and
+    h = norm2(conv1(silu(norm1(x)))) * (1 + scale) + shift instead of norm2(h). Then
+    h = conv2(dropout(silu(·))); out = (shortcut(x) + h) / output_scale_factor, shortcut =
+    1×1 ``conv_shortcut`` (DDPM ``nin_shortcut``) when the channel count changes.
+
+    ``resample`` "down" / "up" (diffusers ``down=True`` / ``up=True``, the resnet
+    down/upsamplers): silu(norm1(x)) and the shortcut input x are 2×2-average-pooled /
+    nearest-×2-upsampled before conv1 and the shortcut.
 
     ``input_split`` is set on up-path resnets, whose input is [up-path ‖ skip]: it is the
     up-path channel count and is passed to ``conv1`` and ``conv_shortcut``.
@@ -447,12 +614,19 @@ class ResnetBlock2D(nn.Module):
     output_scale_factor: float = 1.0
     input_split: Optional[int] = None
     dtype: Dtype = jnp.float32
+    time_embedding_norm: str = "default"
+    resample: Optional[str] = None
 
     def setup(self):
+        if self.time_embedding_norm not in TIME_SCALE_SHIFTS:
+            raise ValueError(f"{self.name}: time_embedding_norm must be one of {TIME_SCALE_SHIFTS}")
+        if self.resample not in (None, "up", "down"):
+            raise ValueError(f"{self.name}: resample must be None, 'up' or 'down', got {self.resample!r}")
         norm = dict(num_groups=self.groups, epsilon=self.eps, dtype=self.dtype, use_fast_variance=False)
         self.norm1 = nn.GroupNorm(**norm)
         self.conv1 = Conv2d(self.out_channels, 3, padding=1, input_split=self.input_split, dtype=self.dtype)
-        self.time_emb_proj = Dense(self.out_channels, dtype=self.dtype)
+        scale_shift = self.time_embedding_norm == "scale_shift"
+        self.time_emb_proj = Dense(self.out_channels * (2 if scale_shift else 1), dtype=self.dtype)
         self.norm2 = nn.GroupNorm(**norm)
         self.dropout_layer = nn.Dropout(self.dropout)
         self.conv2 = Conv2d(self.out_channels, 3, padding=1, dtype=self.dtype)
@@ -464,9 +638,18 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x, temb, *, train: bool = False):
         if x.shape[-1] != self.in_channels:
             raise ValueError(f"{self.name}: expected {self.in_channels} input channels, got {x.shape[-1]}")
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(self.norm2(h))
+        h = nn.silu(self.norm1(x))
+        if self.resample is not None:
+            resample = _upsample_nearest_2x if self.resample == "up" else _avg_pool_2x2
+            h, x = resample(h), resample(x)
+        h = self.conv1(h)
+        emb = self.time_emb_proj(nn.silu(temb))[:, None, None, :]
+        if self.time_embedding_norm == "scale_shift":
+            scale, shift = jnp.split(emb, 2, axis=-1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = nn.silu(h)
         h = self.dropout_layer(h, deterministic=not train)
         h = self.conv2(h)
         shortcut = self.conv_shortcut(x) if self.in_channels != self.out_channels else x
@@ -545,12 +728,29 @@ class Upsample2D(nn.Module):
         self.conv = Conv2d(self.channels, 3, padding=1, dtype=self.dtype)
 
     def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return self.conv(x)
+        return self.conv(_upsample_nearest_2x(x))
+
+
+def _resnet(cfg: UNetConfig, in_channels: int, out_channels: int, dtype, **kwargs) -> "ResnetBlock2D":
+    """A ResnetBlock2D with the config's norm, dropout and time conditioning."""
+    return ResnetBlock2D(
+        in_channels,
+        out_channels,
+        cfg.norm_num_groups,
+        cfg.norm_eps,
+        cfg.dropout,
+        dtype=dtype,
+        time_embedding_norm=cfg.resnet_time_scale_shift,
+        **kwargs,
+    )
 
 
 class DownBlock(nn.Module):
-    """diffusers ``DownBlock2D`` (``with_attention=False``) / ``AttnDownBlock2D``.
+    """diffusers ``DownBlock2D`` (``with_attention=False``) / ``AttnDownBlock2D`` /
+    ``ResnetDownsampleBlock2D`` (``downsample_type="resnet"``, no attention).
+
+    ``downsample_type`` "conv" is a :class:`Downsample2D`, "resnet" a
+    :class:`ResnetBlock2D` with ``resample="down"`` (as ``downsamplers_0``).
 
     Returns ``(h, outputs)``: every resnet(+attention) output and the downsampler output,
     the skip connections of the up path. ``num_outputs`` stops after that many outputs
@@ -564,18 +764,12 @@ class DownBlock(nn.Module):
     add_downsample: bool
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    downsample_type: str = "conv"
 
     def setup(self):
         cfg = self.config
         self.resnets = [
-            ResnetBlock2D(
-                self.in_channels if i == 0 else self.out_channels,
-                self.out_channels,
-                cfg.norm_num_groups,
-                cfg.norm_eps,
-                cfg.dropout,
-                dtype=self.dtype,
-            )
+            _resnet(cfg, self.in_channels if i == 0 else self.out_channels, self.out_channels, self.dtype)
             for i in range(self.num_layers)
         ]
         if self.with_attention:
@@ -590,7 +784,10 @@ class DownBlock(nn.Module):
                 for _ in range(self.num_layers)
             ]
         if self.add_downsample:
-            self.downsamplers = [Downsample2D(self.out_channels, cfg.downsample_padding, dtype=self.dtype)]
+            if self.downsample_type == "resnet":
+                self.downsamplers = [_resnet(cfg, self.out_channels, self.out_channels, self.dtype, resample="down")]
+            else:
+                self.downsamplers = [Downsample2D(self.out_channels, cfg.downsample_padding, dtype=self.dtype)]
 
     def __call__(self, h, temb, *, train: bool = False, num_outputs: Optional[int] = None):
         total = self.num_layers + int(self.add_downsample)
@@ -602,13 +799,20 @@ class DownBlock(nn.Module):
                 h = self.attentions[i](h)
             outputs.append(h)
         if len(outputs) < num_outputs:
-            h = self.downsamplers[0](h)
+            if self.downsample_type == "resnet":
+                h = self.downsamplers[0](h, temb, train=train)
+            else:
+                h = self.downsamplers[0](h)
             outputs.append(h)
         return h, tuple(outputs)
 
 
 class UpBlock(nn.Module):
-    """diffusers ``UpBlock2D`` (``with_attention=False``) / ``AttnUpBlock2D``.
+    """diffusers ``UpBlock2D`` (``with_attention=False``) / ``AttnUpBlock2D`` /
+    ``ResnetUpsampleBlock2D`` (``upsample_type="resnet"``, no attention).
+
+    ``upsample_type`` "conv" is an :class:`Upsample2D`, "resnet" a :class:`ResnetBlock2D`
+    with ``resample="up"`` (as ``upsamplers_0``).
 
     Resnet ``j`` takes [h ‖ skip]: ``skips[-1]`` is consumed first (as diffusers'
     ``res_hidden_states_tuple[-1]``). ``start`` skips the first resnets (a partial pass
@@ -628,6 +832,7 @@ class UpBlock(nn.Module):
     add_upsample: bool
     config: UNetConfig
     dtype: Dtype = jnp.float32
+    upsample_type: str = "conv"
 
     def _widths(self, j):
         up = self.prev_output_channel if j == 0 else self.out_channels
@@ -639,17 +844,7 @@ class UpBlock(nn.Module):
         resnets = []
         for j in range(self.num_layers):
             up, skip = self._widths(j)
-            resnets.append(
-                ResnetBlock2D(
-                    up + skip,
-                    self.out_channels,
-                    cfg.norm_num_groups,
-                    cfg.norm_eps,
-                    cfg.dropout,
-                    input_split=up,
-                    dtype=self.dtype,
-                )
-            )
+            resnets.append(_resnet(cfg, up + skip, self.out_channels, self.dtype, input_split=up))
         self.resnets = resnets
         if self.with_attention:
             self.attentions = [
@@ -663,7 +858,10 @@ class UpBlock(nn.Module):
                 for _ in range(self.num_layers)
             ]
         if self.add_upsample:
-            self.upsamplers = [Upsample2D(self.out_channels, dtype=self.dtype)]
+            if self.upsample_type == "resnet":
+                self.upsamplers = [_resnet(cfg, self.out_channels, self.out_channels, self.dtype, resample="up")]
+            else:
+                self.upsamplers = [Upsample2D(self.out_channels, dtype=self.dtype)]
 
     def __call__(self, h, skips, temb, *, train: bool = False, start: int = 0, capture: Optional[int] = None):
         if len(skips) != self.num_layers - start:
@@ -678,7 +876,10 @@ class UpBlock(nn.Module):
             if self.with_attention:
                 h = self.attentions[j](h)
         if self.add_upsample:
-            h = self.upsamplers[0](h)
+            if self.upsample_type == "resnet":
+                h = self.upsamplers[0](h, temb, train=train)
+            else:
+                h = self.upsamplers[0](h)
         return h, captured
 
 
@@ -694,8 +895,7 @@ class UNetMidBlock2D(nn.Module):
         scale = cfg.mid_block_scale_factor
         groups = cfg.norm_num_groups
         self.resnets = [
-            ResnetBlock2D(self.channels, self.channels, groups, cfg.norm_eps, cfg.dropout, scale, dtype=self.dtype)
-            for _ in range(2)
+            _resnet(cfg, self.channels, self.channels, self.dtype, output_scale_factor=scale) for _ in range(2)
         ]
         self.attentions = [
             Attention(
@@ -741,6 +941,7 @@ class UNet(nn.Module):
                 add_downsample=i < levels - 1,
                 config=cfg,
                 dtype=self.dtype,
+                downsample_type=cfg.downsampler_type(i) or "conv",
             )
             for i in range(levels)
         ]
@@ -756,6 +957,7 @@ class UNet(nn.Module):
                 add_upsample=i < levels - 1,
                 config=cfg,
                 dtype=self.dtype,
+                upsample_type=cfg.upsampler_type(i) or "conv",
             )
             for i in range(levels)
         ]
