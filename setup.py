@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "clu==0.0.12",  # clu.metrics and clu.parameter_overview in training
+    "diffrax==0.7.2",  # the exact probability-flow ODE reference (iec_jax.ode)
     "chex==0.1.92",
     "ml_collections==1.1.0",
     "absl-py==2.5.1",
