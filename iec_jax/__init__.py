@@ -12,6 +12,7 @@ from iec_jax.denoisers import (
     classifier_free_guidance,
     from_v_prediction,
     from_x0_prediction,
+    guided_denoiser,
 )
 from iec_jax.iec import IECConfig
 from iec_jax.schedule import NoiseSchedule, make_timesteps
@@ -37,6 +38,7 @@ __all__ = [
     "ddim_step",
     "from_v_prediction",
     "from_x0_prediction",
+    "guided_denoiser",
     "initial_noise",
     "make_sampler",
     "make_timesteps",

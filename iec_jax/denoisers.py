@@ -14,13 +14,24 @@ Within one sampling step the sampler calls the denoiser once for the ordinary DD
 and once per IEC correction. Every call of step i receives the state that entered step i
 and the same ``step`` (so quantizer tables stay at step i). The state carried to step
 i + 1 is the output of the last evaluation (the official code's cache overwrite), or of
-the first with ``IECConfig(keep_first_pass_state=True)``.
+the first with ``IECConfig(keep_first_pass_state=True)``. An evaluation at the *next*
+step's timestep t_{i+1} (Heun's second evaluation: PLMS's first step and
+``IECConfig(eval_at="next")``) is passed ``step = i + 1`` and the state produced by the
+evaluation of step i before it (see :mod:`iec_jax.iec`).
+
+Conditional denoisers take the context as one more positional argument:
+``model_fn(x, t, context) -> eps`` or ``denoiser(x, t, step, state, context) ->
+(eps, state)`` (:class:`StatefulDenoiser` and the adapters pass extra arguments through).
+:func:`guided_denoiser` turns one into an unconditional-looking :class:`Denoiser` with
+classifier-free guidance: every evaluation is ONE batch of 2B = [x, x] with
+[uncond, cond], so any state (a feature cache) holds the whole 2B batch.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -37,6 +48,8 @@ __all__ = [
     "from_x0_prediction",
     "from_v_prediction",
     "classifier_free_guidance",
+    "guided_denoiser",
+    "GuidedDenoiser",
     "map_eps",
 ]
 
@@ -78,9 +91,9 @@ class FunctionDenoiser(Denoiser):
 
     eps_fn: EpsFn
 
-    def __call__(self, x, t, step, state):
+    def __call__(self, x, t, step, state, *context):
         del step
-        return self.eps_fn(x, t), state
+        return self.eps_fn(x, t, *context), state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +101,8 @@ class StatefulDenoiser(Denoiser):
     """A stateful denoiser assembled from functions.
 
     Attributes:
-      apply_fn: ``(x, t, step, state) -> (eps, state)``.
+      apply_fn: ``(x, t, step, state) -> (eps, state)`` (a conditional one takes the
+        context as a fifth argument: ``(x, t, step, state, context)``).
       init_fn: ``x_T -> state``.
       select_fn: optional ``(keep_new, new, old) -> state`` (see ``Denoiser.select_state``).
       full_pass: optional ``num_steps -> bool array`` naming the full-compute steps.
@@ -99,8 +113,8 @@ class StatefulDenoiser(Denoiser):
     select_fn: Optional[Callable] = None
     full_pass: Optional[Callable[[int], np.ndarray]] = None
 
-    def __call__(self, x, t, step, state):
-        return self.apply_fn(x, t, step, state)
+    def __call__(self, x, t, step, state, *context):
+        return self.apply_fn(x, t, step, state, *context)
 
     def init_state(self, x_T):
         return self.init_fn(x_T)
@@ -128,8 +142,8 @@ class _MappedDenoiser(Denoiser):
     inner: Denoiser
     fn: Callable  # (x, t, out) -> eps
 
-    def __call__(self, x, t, step, state):
-        out, state = self.inner(x, t, step, state)
+    def __call__(self, x, t, step, state, *context):
+        out, state = self.inner(x, t, step, state, *context)
         return self.fn(x, t, out), state
 
     def init_state(self, x_T):
@@ -150,7 +164,7 @@ def map_eps(fn, out_to_eps: Callable):
     """
     if isinstance(fn, Denoiser):
         return _MappedDenoiser(fn, out_to_eps)
-    return lambda x, t: out_to_eps(x, t, fn(x, t))
+    return lambda x, t, *context: out_to_eps(x, t, fn(x, t, *context))
 
 
 def _alpha_lookup(schedule: NoiseSchedule, x, t):
@@ -179,22 +193,120 @@ def from_v_prediction(v_fn, schedule: NoiseSchedule):
     return map_eps(v_fn, to_eps)
 
 
-def classifier_free_guidance(model_fn, cond, uncond, scale: float) -> EpsFn:
+def _check_scale(scale) -> float:
+    """The guidance scale: a finite Python/NumPy number (it is static data)."""
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError("the guidance scale must be a concrete number (it is static), not a traced value")
+    try:
+        value = np.asarray(scale, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"the guidance scale must be a finite number, got {scale!r}") from None
+    if value.ndim != 0 or not math.isfinite(float(value)):
+        raise ValueError(f"the guidance scale must be a finite number, got {scale!r}")
+    return float(value)
+
+
+def _check_context(name, c, b):
+    leaves = jax.tree_util.tree_leaves(c)
+    if any(jnp.shape(leaf)[:1] != (b,) for leaf in leaves):
+        raise ValueError(f"classifier_free_guidance: {name} must have batch size {b}")
+
+
+def _guided_context(cond, uncond, b):
+    for name, c in (("cond", cond), ("uncond", uncond)):
+        _check_context(name, c, b)
+    return jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+
+
+def _guide(out, b, scale):
+    e_u, e_c = out[:b], out[b:]
+    return e_u + scale * (e_c - e_u)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GuidedDenoiser(Denoiser):
+    """Classifier-free guidance around a conditional denoiser, as one 2B batch.
+
+    ``inner(x2, t2, step, state, context)`` is evaluated on x2 = [x, x], t2 = [t, t] with
+    context = [uncond, cond] (concatenated along the batch axis, uncond first) and
+    ε = ε_u + scale (ε_c - ε_u). With ``cond = uncond = None`` the inner denoiser is
+    called without a context argument (it conditions its own 2B batch, first half
+    unconditional). The inner state has batch axis 2B: sample b owns entries b and
+    B + b, which is how :meth:`select_state` merges per sample.
+    """
+
+    inner: Denoiser
+    cond: Any
+    uncond: Any
+    scale: float
+
+    def init_state(self, x_T):
+        return self.inner.init_state(jnp.concatenate([x_T, x_T]))
+
+    def __call__(self, x, t, step, state):
+        b = x.shape[0]
+        x2, t2 = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+        if self.cond is None:
+            out, state = self.inner(x2, t2, step, state)
+        else:
+            out, state = self.inner(x2, t2, step, state, _guided_context(self.cond, self.uncond, b))
+        if out.shape[:1] != (2 * b,):
+            raise ValueError(
+                f"guided_denoiser: the model returned batch {out.shape[0]} for a guidance batch of {2 * b}"
+            )
+        return _guide(out, b, self.scale), state
+
+    def select_state(self, keep_new, new, old):
+        return self.inner.select_state(jnp.concatenate([keep_new, keep_new]), new, old)
+
+    def full_pass_mask(self, num_steps):
+        return self.inner.full_pass_mask(num_steps)
+
+
+def guided_denoiser(denoiser, cond, uncond, scale: float) -> GuidedDenoiser:
+    """Classifier-free guidance ε = ε_u + w (ε_c - ε_u) for :func:`iec_jax.sample`.
+
+    Args:
+      denoiser: a conditional model: a plain ``model_fn(x, t, context) -> eps`` or a
+        stateful ``Denoiser`` called as ``denoiser(x, t, step, state, context) ->
+        (eps, state)`` (e.g. a :class:`StatefulDenoiser` whose ``apply_fn`` takes the
+        context); its ``init_state`` receives the 2B batch [x_T, x_T].
+      cond, uncond: the contexts (pytrees whose leaves have the sample batch B as
+        leading axis), or both None when the denoiser already holds the 2B context.
+      scale: the guidance weight w, a finite number (checked here, before anything is
+        traced or compiled).
+
+    Every evaluation — the ordinary one and each IEC correction — is one 2B pass over
+    [y, y] with [uncond, cond] at the same timestep, so a correction redoes full guidance
+    and, on a full-compute step, rewrites the whole 2B cache; the stop test of IEC sees
+    the guided B-sample batch (docs/semantics.md §2.5).
+    """
+    scale = _check_scale(scale)
+    if (cond is None) != (uncond is None):
+        raise ValueError("guided_denoiser: give both cond and uncond, or neither")
+    if cond is not None:
+        cs, us = jax.tree_util.tree_structure(cond), jax.tree_util.tree_structure(uncond)
+        if cs != us:
+            raise ValueError(f"guided_denoiser: cond and uncond differ in structure ({cs} vs {us})")
+    return GuidedDenoiser(as_denoiser(denoiser), cond, uncond, scale)
+
+
+def classifier_free_guidance(model_fn, cond, uncond, scale: float):
     """ε = ε_u + w (ε_c - ε_u), one batched call on [x, x] with [uncond, cond].
 
     ``model_fn(x, t, c) -> eps``; ``cond`` and ``uncond`` have a leading batch axis equal
-    to x's. Each call is one network evaluation at batch 2B (as in the LDM code).
+    to x's. Each call is one network evaluation at batch 2B (as in the LDM code). Returns
+    a plain ``eps_fn(x, t)``; given a stateful :class:`Denoiser` it returns
+    :func:`guided_denoiser`'s Denoiser instead. ``scale`` must be a finite number.
     """
+    if isinstance(model_fn, Denoiser):
+        return guided_denoiser(model_fn, cond, uncond, scale)
+    scale = _check_scale(scale)
 
     def eps_fn(x, t):
         b = x.shape[0]
-        for name, c in (("cond", cond), ("uncond", uncond)):
-            leaves = jax.tree_util.tree_leaves(c)
-            if any(leaf.shape[:1] != (b,) for leaf in leaves):
-                raise ValueError(f"classifier_free_guidance: {name} must have batch size {b}")
-        c_in = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c]), uncond, cond)
+        c_in = _guided_context(cond, uncond, b)
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), c_in)
-        e_u, e_c = out[:b], out[b:]
-        return e_u + scale * (e_c - e_u)
+        return _guide(out, b, scale)
 
     return eps_fn

@@ -1,4 +1,5 @@
-"""DDIM/DDPM sampling as one pure ``lax.scan``, with IEC as a ``lax.while_loop`` inside.
+"""DDIM/DDPM and PLMS sampling as one pure ``lax.scan``, with IEC as a ``lax.while_loop``
+inside.
 
 Notation (code -> paper / official code), one step from t to its predecessor s:
 
@@ -12,6 +13,20 @@ Notation (code -> paper / official code), one step from t to its predecessor s:
 
 η = 0 is DDIM; η = 1 on the full grid (T, T-1, ..., 0) is DDPM ancestral sampling with
 σ_t² = β̃_t (the "fixed_small" posterior variance).
+
+PLMS (``method="plms"``, the CompVis PLMS sampler = diffusers' ``PNDMScheduler(
+skip_prk_steps=True)``): step i applies the same η = 0 map D_i(x_i, ·) to a multistep ε̃_i
+— Heun's pair (ε(x_0, t_0) + ε(D_0(x_0, ε(x_0, t_0)), t_1)) / 2 at step 0, then
+Adams–Bashforth of order 2, 3, 4 on the history of ε(x_j, t_j), which lives in the scan
+carry (the last three ε); a ``lax.cond`` on the step picks Heun's branch, so S steps cost
+S + 1 evaluations. PNDM's ``_get_prev_sample`` is this DDIM map rewritten: its
+coefficient of x_t is √(ᾱ_s/ᾱ_t) = A and that of ε is -(ᾱ_s - ᾱ_t)/(ᾱ_t √(1-ᾱ_s) +
+√(ᾱ_t (1-ᾱ_t) ᾱ_s)) = B.
+
+Step indices: every evaluation with the timestep t_i of step i is passed ``step = i``;
+Heun's second evaluation (PLMS step 0, ``IECConfig(eval_at="next")``) uses the timestep
+t_{i+1} and is passed ``step = i + 1`` with the state of the evaluation before it, and is
+counted in step i's ``nfe`` (full or partial by step i + 1's schedule, ``nfe_full``).
 
 Randomness: every sample has its own key; the noise of sampling step i and evaluation
 pass k (0: the ordinary step, k ≥ 1: IEC correction k) is
@@ -41,6 +56,8 @@ __all__ = [
     "per_sample_keys",
     "initial_noise",
     "nfe_summary",
+    "plms_weights",
+    "METHODS",
 ]
 
 _COEF_NAMES = ("alpha", "alpha_prev", "sigma", "c_dir")
@@ -166,6 +183,39 @@ def _batch_keys(key, batch: Optional[int]):
 
 
 # ---------------------------------------------------------------------- sampler
+METHODS = ("ddim", "plms")
+
+# Adams–Bashforth weights of the PLMS step (the CompVis/diffusers PLMS arithmetic), for
+# [ε(x_i, t_i), ε_{i-1}, ε_{i-2}, ε_{i-3}], by the number of history entries used.
+_AB_WEIGHTS = np.array(
+    [
+        [1.0, 0.0, 0.0, 0.0],
+        [3 / 2, -1 / 2, 0.0, 0.0],
+        [23 / 12, -16 / 12, 5 / 12, 0.0],
+        [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+    ]
+)
+
+
+def plms_weights(num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The PLMS schedule of S steps: ``(heun, weights)``.
+
+    ``heun`` (S,) bool marks the step that uses Heun's pair (step 0, when S ≥ 2: with one
+    step there is no second timestep to evaluate at, and diffusers takes one Euler/DDIM
+    step); ``weights`` (S, 4) are the Adams–Bashforth weights of the other steps applied
+    to [ε(x_i, t_i), ε_{i-1}, ε_{i-2}, ε_{i-3}]: order 2 at step 1, 3 at step 2, 4 after.
+    """
+    S = int(num_steps)
+    idx = np.arange(S)
+    return (idx == 0) & (S >= 2), _AB_WEIGHTS[np.minimum(idx, 3)]
+
+
+def _check_method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
 def sample(
     eps_fn,
     x_T: jax.Array,
@@ -176,27 +226,41 @@ def sample(
     eta: float = 0.0,
     iec: Optional[IECConfig] = None,
     return_trajectory: bool = False,
+    method: str = "ddim",
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """Sample with DDIM (any η), optionally with IEC corrections.
+    """Sample with DDIM (any η) or PLMS, optionally with IEC corrections.
 
     Args:
       eps_fn: ``eps_fn(x, t) -> eps`` with ``t`` int32 of shape (batch,), or a
-        :class:`~iec_jax.denoisers.Denoiser`.
+        :class:`~iec_jax.denoisers.Denoiser` (e.g. :func:`~iec_jax.guided_denoiser`).
       x_T: the initial noise, shape (batch, ...).
       key: one PRNG key (sample b uses ``fold_in(key, b)``) or one key per sample
         (shape (batch,)). Only used when η > 0; may be None at η = 0.
       schedule: the noise schedule.
       timesteps: the descending grid from :func:`iec_jax.make_timesteps` (concrete).
-      eta: DDIM η (static).
+      eta: DDIM η (static). Must be 0 with PLMS.
       iec: IEC options, or None for plain sampling.
       return_trajectory: also return every x_s in ``info["trajectory"]`` (S, batch, ...).
+      method: ``"ddim"`` or ``"plms"``. PLMS is diffusers' ``PNDMScheduler(
+        skip_prk_steps=True)`` (the CompVis PLMS sampler) step for step: step i maps
+        x_i to x_{i+1} = D_i(x_i, ε̃_i) with D_i the η = 0 DDIM map t_i → t_{i+1} (the
+        last step to the schedule's final ᾱ) and ε̃_i = (ε(x_0, t_0) + ε(D_0(x_0,
+        ε(x_0, t_0)), t_1)) / 2 at step 0 (Heun's pair: 2 evaluations; step 0's ``nfe``
+        is 2, so S steps cost S + 1), then Adams–Bashforth of order 2, 3, 4 on the
+        history of ε(x_j, t_j) (Heun's second evaluation is not in the history). Heun's
+        second evaluation uses ``step = 1`` and the state left by step 0's first
+        evaluation (see :mod:`iec_jax.iec`). IEC on PLMS: docs/semantics.md §2.6 and
+        ``IECConfig.plms_mode`` / ``history``.
 
     Returns:
       ``(x_0, info)``; ``info`` holds per-step arrays: ``nfe`` (S,) evaluations,
+      ``nfe_full`` (S,) of which full passes (by the step index each evaluation used),
       ``corrections`` (S, batch) updates applied, ``residual`` (S, batch) last stop
       quantity (NaN if none), ``iec_steps`` (S,), ``full_pass`` (S,), ``timesteps`` (S,).
     """
     den: Denoiser = as_denoiser(eps_fn)
+    method = _check_method(method)
+    plms = method == "plms"
     if iec is not None and not isinstance(iec, IECConfig):
         raise TypeError(f"iec must be an IECConfig or None, got {type(iec).__name__}")
     x_T = jnp.asarray(x_T)
@@ -205,6 +269,10 @@ def sample(
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
         raise ValueError(f"x_T must be floating point, got {x_T.dtype}")
     coefs = step_coefficients(schedule, timesteps, eta)
+    if plms and eta != 0:
+        raise ValueError(f"eta must be 0 with method='plms' (PLMS is deterministic), got {eta}")
+    if iec is not None:
+        iec.check_method(method)
     num_steps, batch = len(coefs["t"]), x_T.shape[0]
     stochastic = bool(np.any(coefs["sigma"] > 0))
 
@@ -214,10 +282,14 @@ def sample(
             f"the denoiser's full_pass_mask has shape {np.shape(full_pass)}, expected"
             f" ({num_steps},)"
         )
+    full = np.ones(num_steps, bool) if full_pass is None else np.asarray(full_pass, bool)
     iec_mask = (
         iec.step_mask(num_steps, full_pass) if iec is not None else np.zeros(num_steps, bool)
     )
     num_corrections = iec.num_corrections if iec is not None else 0
+    eval_next = iec is not None and iec.eval_at == "next"
+    plms_corrections = plms and iec is not None and iec.plms_mode == "plms"
+    track_history = plms and iec is not None and iec.history == "last_correction"
 
     keys = None
     if key is not None:
@@ -230,6 +302,17 @@ def sample(
     xs["t"] = jnp.asarray(coefs["t"], jnp.int32)
     xs["step"] = jnp.arange(num_steps, dtype=jnp.int32)
     xs["iec_on"] = jnp.asarray(iec_mask)
+    # The successor's timestep, step index and schedule entry (for evaluations at t_{i+1};
+    # the last step has none: its entries are placeholders that are never used).
+    xs["t_next"] = jnp.asarray(np.append(coefs["t"][1:], coefs["t"][-1]), jnp.int32)
+    xs["step_next"] = jnp.asarray(np.minimum(np.arange(num_steps) + 1, num_steps - 1), jnp.int32)
+    xs["full"] = jnp.asarray(full)
+    xs["full_next"] = jnp.asarray(np.append(full[1:], False))
+    heun_mask, ab_weights = plms_weights(num_steps)
+    has_heun = plms and bool(heun_mask.any())
+    if plms:
+        xs["heun"] = jnp.asarray(heun_mask)
+        xs["ab"] = jnp.asarray(ab_weights, dtype)
 
     def noise(step, k):
         if not stochastic:
@@ -246,50 +329,106 @@ def sample(
         return eps.astype(dtype), new_state
 
     def body(carry, per_step):
-        x_t, state_in = carry
+        x_t, state_in, hist = carry
         coef = {name: per_step[name] for name in _COEF_NAMES}
-        step = per_step["step"]
+        step, step_next = per_step["step"], per_step["step_next"]
         t_b = jnp.full((batch,), per_step["t"], jnp.int32)
+        t_next_b = jnp.full((batch,), per_step["t_next"], jnp.int32)
+
+        def combine(e, st):
+            """PLMS: the step's multistep ε̃ from ε(·, t_i) = e, and the state after it."""
+            if not plms:
+                return e, st
+
+            def adams_bashforth(e, st):
+                w = per_step["ab"]
+                return w[0] * e + w[1] * hist[0] + w[2] * hist[1] + w[3] * hist[2], st
+
+            def heun(e, st):
+                # Heun's second evaluation: at the DDIM predictor, timestep t_{i+1},
+                # step index i + 1, state of the evaluation just made.
+                e1, st1 = evaluate(ddim_step(x_t, e, coef)[0], t_next_b, step_next, st)
+                return (e1 + e) / 2, st1
+
+            if not has_heun:
+                return adams_bashforth(e, st)
+            return jax.lax.cond(per_step["heun"], heun, adams_bashforth, e, st)
 
         eps, state = evaluate(x_t, t_b, step, state_in)
-        y, _ = ddim_step(x_t, eps, coef, noise(step, 0))
+        eps_step, state = combine(eps, state)
+        y, _ = ddim_step(x_t, eps_step, coef, noise(step, 0))
+        heun_on = per_step["heun"].astype(jnp.int32) if has_heun else jnp.int32(0)
         out = {}
+        last = eps
         if num_corrections:
-            y, state, taken, resid, n_eval = run_corrections(
+            state0 = state
+            if eval_next:
+                def correction_eval(v):
+                    return evaluate(v, t_next_b, step_next, state0)
+            else:
+                def correction_eval(v):
+                    e, st = evaluate(v, t_b, step, state_in)
+                    if plms_corrections:
+                        e_comb, st = combine(e, st)
+                        return e_comb, st, e
+                    return e, st, e
+
+            res = run_corrections(
                 iec,
-                evaluate=lambda v: evaluate(v, t_b, step, state_in),
+                evaluate=correction_eval,
                 propose=lambda e, k: ddim_step(x_t, e, coef, noise(step, k + 1))[0],
                 y0=y,
-                state0=state,
+                state0=state0,
                 enabled=per_step["iec_on"],
                 select_state=den.select_state,
+                aux0=eps if track_history else None,
             )
+            y, state, taken, resid, k = res.y, res.state, res.taken, res.residual, res.iterations
+            if track_history:
+                last = res.last
+            if eval_next:
+                at_t, at_next = jnp.int32(0), k
+            elif plms_corrections:
+                at_t, at_next = k, k * heun_on
+            else:
+                at_t, at_next = k, jnp.int32(0)
         else:
             taken = jnp.zeros((batch,), jnp.int32)
             resid = jnp.full((batch,), jnp.nan, jnp.float32)
-            n_eval = jnp.int32(0)
-        out["nfe"] = 1 + n_eval
+            at_t = at_next = jnp.int32(0)
+        if plms:
+            hist = (last, hist[0], hist[1])
+        out["nfe"] = 1 + heun_on + at_t + at_next
+        out["nfe_full"] = (
+            jnp.where(per_step["full"], 1 + at_t, 0)
+            + jnp.where(per_step["full_next"], heun_on + at_next, 0)
+        ).astype(jnp.int32)
         out["corrections"] = taken
         out["residual"] = resid
         if return_trajectory:
             out["trajectory"] = y
-        return (y, state), out
+        return (y, state, hist), out
 
-    (x_0, _), per_step = jax.lax.scan(body, (x_T, den.init_state(x_T)), xs)
+    hist0 = (jnp.zeros_like(x_T),) * 3 if plms else ()
+    (x_0, _, _), per_step = jax.lax.scan(body, (x_T, den.init_state(x_T), hist0), xs)
     info = dict(per_step)
     info["timesteps"] = jnp.asarray(coefs["t"], jnp.int32)
     info["iec_steps"] = jnp.asarray(iec_mask)
-    info["full_pass"] = jnp.asarray(
-        np.ones(num_steps, bool) if full_pass is None else np.asarray(full_pass, bool)
-    )
+    info["full_pass"] = jnp.asarray(full)
     return x_0, info
 
 
-def make_sampler(eps_fn, *, schedule, timesteps, eta=0.0, iec=None, return_trajectory=False):
+def make_sampler(eps_fn, *, schedule, timesteps, eta=0.0, iec=None, return_trajectory=False,
+                 method="ddim"):
     """A jitted ``(x_T, key) -> (x_0, info)`` with everything else fixed."""
     # Validate eagerly so that bad options fail here, not at first call.
     ts = _check_timesteps(timesteps, schedule)
-    _check_eta(eta)
+    eta = _check_eta(eta)
+    _check_method(method)
+    if method == "plms" and eta != 0:
+        raise ValueError(f"eta must be 0 with method='plms' (PLMS is deterministic), got {eta}")
+    if iec is not None and isinstance(iec, IECConfig):
+        iec.check_method(method)
     fn = functools.partial(
         sample,
         eps_fn,
@@ -298,6 +437,7 @@ def make_sampler(eps_fn, *, schedule, timesteps, eta=0.0, iec=None, return_traje
         eta=eta,
         iec=iec,
         return_trajectory=return_trajectory,
+        method=method,
     )
     return jax.jit(fn)
 
@@ -306,10 +446,13 @@ def nfe_summary(info) -> dict:
     """Totals of a run's ``info``: network evaluations, split into full and partial
     passes, and the number of IEC updates per sample (mean)."""
     nfe = np.asarray(info["nfe"])
-    full = np.asarray(info["full_pass"], bool)
+    if "nfe_full" in info:
+        nfe_full = int(np.asarray(info["nfe_full"]).sum())
+    else:  # infos written before the per-evaluation count: every pass of a step is its kind
+        nfe_full = int(nfe[np.asarray(info["full_pass"], bool)].sum())
     return dict(
         nfe=int(nfe.sum()),
-        nfe_full=int(nfe[full].sum()),
-        nfe_partial=int(nfe[~full].sum()),
+        nfe_full=nfe_full,
+        nfe_partial=int(nfe.sum()) - nfe_full,
         corrections_per_sample=float(np.asarray(info["corrections"]).sum(0).mean()),
     )
