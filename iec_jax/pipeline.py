@@ -147,8 +147,9 @@ class SampleShards:
 
 
 def data_mesh(devices: Optional[Iterable] = None) -> jax.sharding.Mesh:
-    """A 1-D mesh named ``data`` over the given (default: all) devices."""
-    devices = np.asarray(list(devices) if devices is not None else jax.devices())
+    """A 1-D mesh named ``data`` over the given devices (default: this process's devices;
+    in a multi-process run each process samples its own shards on its own devices)."""
+    devices = np.asarray(list(devices) if devices is not None else jax.local_devices())
     return jax.sharding.Mesh(devices, ("data",))
 
 

@@ -25,7 +25,6 @@ def get_config(arg: str | None = None):
     c.name = "fmnist DDIM-100"
     c.num_samples = 50_000
     c.shard_size = 1_000
-    c.distributed = False
     c.results_table = "runs/eval/results.md"
     c.eval = ml_collections.ConfigDict(dict(
         dataset="fashion_mnist", split="test", data_dir=ml_collections.config_dict.placeholder(str),

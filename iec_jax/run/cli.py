@@ -7,6 +7,10 @@ The config crosses into validated settings (``settings(config)``, see
 — an unknown or mistyped flag, a value out of range, a missing path — ends the command
 with one line on stderr naming the field and what is allowed, exit status 2, and the
 work directory untouched; ``--traceback`` shows the full traceback instead.
+``--distributed`` (with ``--coordinator_address``, ``--num_processes``, ``--process_id``,
+or none of them on a cluster that JAX detects) runs the job as one of several processes
+(:mod:`iec_jax.distributed`); processes launched with different configs or work
+directories all stop at the start, nothing written.
 
 Each script calls :func:`iec_jax.io.use_all_cpu_cores` before anything imports JAX, then
 ``run_job(...)`` under ``if __name__ == "__main__"``.
@@ -14,6 +18,7 @@ Each script calls :func:`iec_jax.io.use_all_cpu_cores` before anything imports J
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, NoReturn, Optional
 
@@ -68,6 +73,14 @@ def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
                                   "Run directory (a partial run there is resumed).")
     traceback = flags.DEFINE_bool("traceback", False,
                                   "Show full tracebacks for refused configs and flags.")
+    multi = flags.DEFINE_bool("distributed", False,
+                              "Run as one of several processes (jax.distributed): each samples"
+                              " its share of the shards into the shared --workdir.")
+    coordinator = flags.DEFINE_string("coordinator_address", None,
+                                      "With --distributed: host:port of process 0 (none: from"
+                                      " the cluster's environment).")
+    nproc = flags.DEFINE_integer("num_processes", None, "With --distributed: the process count.")
+    pid = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
     required = tuple(n for n, v in (("config", default_config), ("workdir", default_workdir))
                      if v is None)
 
@@ -78,10 +91,19 @@ def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
             s = settings(config.value) if settings is not None else config.value
             if not workdir.value or not isinstance(workdir.value, str):
                 raise ValueError("--workdir must be a directory path")
-            import os
-
             if os.path.exists(workdir.value) and not os.path.isdir(workdir.value):
                 raise ValueError(f"--workdir {workdir.value!r} exists and is not a directory")
+            if not multi.value and any(v is not None for v in (coordinator.value, nproc.value,
+                                                               pid.value)):
+                raise ValueError("--coordinator_address, --num_processes and --process_id"
+                                 " need --distributed")
+            if multi.value:
+                from iec_jax import distributed
+
+                distributed.initialize(coordinator.value, nproc.value, pid.value)
+                raw = config.value.to_dict() if hasattr(config.value, "to_dict") else str(s)
+                distributed.check_same("configs or work directories",
+                                       [raw, os.path.abspath(workdir.value)])
         except (TypeError, ValueError, OSError) as e:  # OSError: an unreadable config file
             if traceback.value:
                 raise

@@ -13,9 +13,9 @@ files an uninterrupted run writes):
    the first 64 samples.
 
 Sampling and feature extraction are data-parallel over the local devices (``jax.jit``
-with ``NamedSharding``). With ``config.distributed``, ``jax.distributed.initialize()`` is
-called and process p handles the shards k with k % process_count == p; process 0 computes
-the metrics after a barrier. (The multi-host path has not been run on several hosts here.)
+with ``NamedSharding``). Launched as several processes (``--distributed``,
+:mod:`iec_jax.distributed`), process p handles the shards k with k % process_count == p
+and process 0 computes the metrics after a barrier.
 
 Metrics go to the console (absl logging), ``metrics.jsonl`` and ``result.json``.
 """
@@ -33,7 +33,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 import iec_jax
-from iec_jax import pipeline
+from iec_jax import distributed, pipeline
 from iec_jax.io import write_json, write_text
 from iec_jax.metrics.reference import FeatureShards, compute_metrics, reference_features
 from iec_jax.run.sample import build_sampler
@@ -63,13 +63,11 @@ def _append_table_row(path: str, row: dict) -> None:
 def run(config, workdir: str) -> dict:
     s = settings(config)
     start = time.time()
-    if s.distributed:
-        jax.distributed.initialize()
-    pid, nproc = jax.process_index(), jax.process_count()
+    pid = jax.process_index()
     batch_fn, _, _ = build_sampler(s)
     shards = pipeline.SampleShards(os.path.join(workdir, "samples"), s.num_samples,
                                    s.shard_size)
-    mine = {k for k in range(shards.num_shards) if k % nproc == pid}
+    mine = set(distributed.my_shards(shards.num_shards))
     nfe = []
     t0 = time.time()
     written = pipeline.generate(batch_fn, shards, s.batch_size, only=mine,
@@ -80,10 +78,7 @@ def run(config, workdir: str) -> dict:
     for k in tqdm(todo, desc="features", unit="shard"):
         feature_shards.compute(k, s.eval.crop, s.eval.inception_batch_size)
     features_s = time.time() - t0
-    if nproc > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("iec_jax.evaluate: shards done")
+    distributed.barrier("iec_jax.evaluate: shards done")
     if pid != 0:
         return {}
 
@@ -106,6 +101,7 @@ def run(config, workdir: str) -> dict:
         samples_per_s=_rate(sum(len(shards.indices(k)) for k in written), sampling_s),
         features_per_s=_rate(sum(len(shards.indices(k)) for k in todo), features_s),
         devices=jax.device_count(),
+        processes=jax.process_count(),
     )
     write_json(os.path.join(workdir, "result.json"), result)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:

@@ -3,6 +3,8 @@
 Writes to the workdir: ``samples/samples_{k:05d}.npz`` (uint8 NHWC ``arr_0`` and
 ``indices``; resumable: existing complete shards are kept), ``grid.png`` (the first
 ``grid_size`` samples), ``config.json`` and ``summary.json`` (NFE, wall time, images/s).
+Launched as several processes (``--distributed``), each samples every P-th shard and
+process 0 writes the rest.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import time
 
 import iec_jax
-from iec_jax import pipeline
+from iec_jax import distributed, pipeline
 from iec_jax.io import write_json
 from iec_jax.models.loading import unet_denoiser
 from iec_jax.run.settings import SampleSettings, sample_settings
@@ -44,9 +46,12 @@ def run(config, workdir: str) -> dict:
                                    s.shard_size)
     nfe = []
     written = pipeline.generate(
-        batch_fn, shards, s.batch_size,
+        batch_fn, shards, s.batch_size, only=distributed.my_shards(shards.num_shards),
         on_batch=lambda info: nfe.append(iec_jax.nfe_summary(info)["nfe"]),
     )
+    distributed.barrier("iec_jax.sample: shards done")
+    if not distributed.is_main():  # process 0 writes the run's files
+        return {}
     images = shards.load()
     if s.grid_size:
         pipeline.save_grid(os.path.join(workdir, "grid.png"), images[: s.grid_size])

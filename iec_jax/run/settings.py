@@ -253,7 +253,6 @@ class SampleSettings:
     iec: Any  # Optional[IECConfig]
     name: str = ""
     eval: Optional[EvalSettings] = None
-    distributed: bool = False
     results_table: str = ""
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -284,7 +283,6 @@ def sample_settings(cfg, *, with_eval: bool = False) -> SampleSettings:
         sampler=sampler_settings(_get(cfg, "sampler", "sampler"), schedule),
         iec=iec_settings(_get(cfg, "iec", "iec")),
         name=check_str(cfg.get("name", "") or "", "name", allow_empty=True), eval=ev,
-        distributed=check_bool(cfg.get("distributed", False), "distributed"),
         results_table=check_str(cfg.get("results_table", "") or "", "results_table",
                                 allow_empty=True),
         raw=_raw(cfg))

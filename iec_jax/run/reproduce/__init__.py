@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from iec_jax import distributed
 from iec_jax.io import file_digest, write_json
 from iec_jax.metrics.reference import compute_metrics, reference_features
 from iec_jax.run.reproduce.interim import interim
@@ -52,9 +53,19 @@ def _reference(s: TableSettings) -> dict:
                               batch_size=s.eval.inception_batch_size)
 
 
+def _main_first(name: str, fn):
+    """``fn()`` on process 0, then, after a barrier, on the others (``fn`` reads what
+    process 0 wrote: a cached file, calibration artifacts)."""
+    value = fn() if distributed.is_main() else None
+    distributed.barrier(name)
+    return value if distributed.is_main() else fn()
+
+
 def _evaluate_row(s, table, row, rowdir, started, refstats, mkey, budget_left: bool):
     """``(metrics, features or None, Progress)`` of a row, sampling and evaluating it
-    unless its metrics are cached; None when it is not evaluated and out of time."""
+    unless its metrics are cached; None when it is not evaluated and out of time. In a
+    multi-process run the other processes return ``(None, None, None)`` after sampling
+    their shards: process 0 evaluates."""
     m = read_cached(os.path.join(rowdir, "metrics.json"), mkey)
     if (m is not None and row.name == s.reference_row and budget_left
             and float_shards(rowdir, s).missing()):
@@ -68,6 +79,8 @@ def _evaluate_row(s, table, row, rowdir, started, refstats, mkey, budget_left: b
     if not budget_left:
         return None
     res = run_row(table, row, rowdir, started)
+    if not distributed.is_main():
+        return None, None, None
     t0 = time.time()
     m = cached(os.path.join(rowdir, "metrics.json"), mkey,
                lambda: compute_metrics(res["features"], refstats,
@@ -81,14 +94,16 @@ def run(config, workdir: str) -> list[dict]:
     (``config``: a table config or its :class:`TableSettings`)."""
     s = table_settings(config)
     start = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    write_json(os.path.join(workdir, f"{s.table}_config.json"), dict(s.raw))
+    if distributed.is_main():
+        os.makedirs(workdir, exist_ok=True)
+        write_json(os.path.join(workdir, f"{s.table}_config.json"), dict(s.raw))
     table = Table(s, workdir)
-    fl = cached(os.path.join(workdir, "flops.json"),
-                dict(model=table.model_key, cache_point=list(s.cache_point), count="lowered HLO"),
-                lambda: flops(table.unet_config, table.params, table.shape, s.cache_point,
-                              s.model.dtype))
-    refstats = _reference(s)
+    fl = _main_first("flops", lambda: cached(
+        os.path.join(workdir, "flops.json"),
+        dict(model=table.model_key, cache_point=list(s.cache_point), count="lowered HLO"),
+        lambda: flops(table.unet_config, table.params, table.shape, s.cache_point,
+                      s.model.dtype)))
+    refstats = _main_first("reference", lambda: _reference(s))
     mkey = metrics_key(s, int(refstats["num"]))
     refdir = os.path.join(workdir, "rows", s.reference.slug)
     ref_key = dict(reference=table.row_meta(s.reference))  # what distances to FP depend on
@@ -99,7 +114,9 @@ def run(config, workdir: str) -> list[dict]:
     left_out: list[str] = []
     for i, row in enumerate(s.selected):
         rowdir = os.path.join(workdir, "rows", row.slug)
-        budget_left = s.time_budget_s is None or time.time() - start < s.time_budget_s
+        distributed.barrier(f"row {row.slug}")  # process 0's files of the last row are written
+        budget_left = distributed.broadcast_flag(
+            s.time_budget_s is None or time.time() - start < s.time_budget_s)
         print(f"[{i + 1}/{len(s.selected)}] {row.name}", flush=True)
         got = _evaluate_row(s, table, row, rowdir, start, refstats, mkey, budget_left)
         if got is None:
@@ -107,6 +124,8 @@ def run(config, workdir: str) -> list[dict]:
             left_out.append(row.name)
             continue
         m, feats, p = got
+        if m is None:  # another process of a multi-process run: process 0 evaluates
+            continue
         if feats is not None and s.bootstrap:  # kept for the paired bootstrap only
             pools[row.name] = feats["pool"]
         l2 = cached(os.path.join(rowdir, "l2.json"), ref_key, lambda: l2_to(rowdir, refdir, s))
@@ -148,6 +167,9 @@ def run(config, workdir: str) -> list[dict]:
                     and pools[r["row"]].shape == pools[b["row"]].shape):
                 r["gain_ci95"] = paired_bootstrap_gain(
                     pools[b["row"]], pools[r["row"]], refstats, replicates=s.bootstrap)
+    distributed.barrier("rows done")
+    if not distributed.is_main():
+        return []
     results = [out[r.name] for r in s.rows if r.name in out]
     write_outputs(workdir, s, results, left_out)
     plots(workdir, s, results, curves, fits)

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import iec_jax
-from iec_jax import pipeline
+from iec_jax import distributed, pipeline
 from iec_jax.io import write_json, write_npz
 from iec_jax.metrics.reference import FeatureShards
 from iec_jax.models.loading import model_fingerprint
@@ -75,6 +75,17 @@ class Progress:
             d["nfe_full"] += s["nfe_full"] * n
             d["nfe_partial"] += s["nfe_partial"] * n
             d["corrections"] += s["corrections_per_sample"] * n
+        write_json(self.path, d)
+
+    def absorb(self, other: "Progress") -> None:
+        """Adds another process's record of the same row (multi-process runs)."""
+        d, o = self.data, other.data
+        for k in ("seconds", "samples", "nfe", "nfe_full", "nfe_partial", "corrections",
+                  "timed_seconds", "timed_samples"):
+            d[k] += o[k]
+        d["devices"] = list(dict.fromkeys(list(d["devices"]) + list(o["devices"])))
+        if o.get("device"):
+            d["device"] = o["device"]
         write_json(self.path, d)
 
     def per_sample(self, key: str) -> Optional[float]:
@@ -152,19 +163,28 @@ def run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
     """Samples the row's missing shards, its trajectory and features; returns
     ``dict(features=..., progress=Progress)``."""
     s = table.s
-    check_row_dir(rowdir, table.row_meta(row))
-    record_run(rowdir, s, started)
+    main, nproc = distributed.is_main(), distributed.count()
+    if main:
+        check_row_dir(rowdir, table.row_meta(row))
+        record_run(rowdir, s, started)
+    distributed.barrier(f"{row.slug}: row.json")
     t0 = time.time()
-    factory, fparams = table.denoiser(row)
+    if main:  # process 0 calibrates what is missing; the others load its artifacts
+        factory, fparams = table.denoiser(row)
+    distributed.barrier(f"{row.slug}: calibrated")
+    if not main:
+        factory, fparams = table.denoiser(row)
     say(f"{row.name}: model built (calibrated where its artifacts were missing)", t0)
     batch_fn = pipeline.make_batch_sampler(
         factory, params=fparams, schedule=table.schedule, timesteps=table.timesteps(row),
         shape=table.shape, seed=s.seed, eta=s.sampler.eta, iec=row.iec_config())
     shards = float_shards(rowdir, s)
-    progress = Progress(os.path.join(rowdir, "progress.json"))
+    name = "progress.json" if nproc == 1 else f"progress.p{distributed.index()}.json"
+    progress = Progress(os.path.join(rowdir, name))
     first_call = True  # its batch includes the compilation: not timed when others are
     t0 = time.time()
-    todo = shards.missing()
+    mine = set(distributed.my_shards(shards.num_shards))
+    todo = [k for k in shards.missing() if k in mine]
     for k in todo:
         infos: list[dict] = []
         stamps = [time.time()]
@@ -183,7 +203,7 @@ def run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
         say(f"{row.name}: {len(todo)} shard(s) sampled", t0)
 
     traj_path = os.path.join(rowdir, "trajectory.npz")
-    if s.trajectory_samples and not os.path.exists(traj_path):
+    if main and s.trajectory_samples and not os.path.exists(traj_path):
         t0 = time.time()
         traj = _trajectory(table, row, factory, fparams, s.trajectory_samples)
         write_npz(traj_path, trajectory=traj, timesteps=table.timesteps(row))
@@ -191,9 +211,19 @@ def run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
 
     features = feature_shards(rowdir, s)
     t0 = time.time()
-    todo = features.missing()
+    todo = [k for k in features.missing() if k in mine]
     for k in tqdm(todo, desc=f"features {row.name}", unit="shard"):
         features.compute(k, s.eval.crop, s.eval.inception_batch_size)
     if todo:
         say(f"{row.name}: features of {len(todo)} shard(s)", t0)
+    distributed.barrier(f"{row.slug}: shards and features")
+    if not main:
+        return dict(features=None, progress=None)
+    if nproc > 1:  # one record of the row: the processes' records added up
+        progress = Progress(os.path.join(rowdir, "progress.json"))
+        for p in range(nproc):
+            part = os.path.join(rowdir, f"progress.p{p}.json")
+            if os.path.exists(part):
+                progress.absorb(Progress(part))
+                os.remove(part)
     return dict(features=features.load(), progress=progress)
