@@ -125,3 +125,34 @@ def test_processes_with_different_configs_stop_at_the_start(tmp_path):
         line = err.strip().splitlines()[-1]
         assert line.startswith("error: ") and "launched with different configs" in line, err[-2000:]
     assert not work.exists()
+
+
+@pytest.mark.slow
+def test_a_table_run_by_two_processes_is_the_one_process_table(tmp_path):
+    """experiments.reproduce: the shards split between processes, process 0 evaluates;
+    the table equals a one-process run's (its seconds column aside)."""
+    flags = ["--config=configs/fmnist/table2.py:smoke", "--config.shard_size=4",
+             "--config.only=FP,DeepCache N=10,DeepCache N=10 + IEC"]
+    one = tmp_path / "one"
+    done = subprocess.run([sys.executable, "-m", "experiments.reproduce", f"--workdir={one}",
+                           *flags], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = tmp_path / "two"
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.reproduce", f"--workdir={two}",
+                               *flags, "--distributed", f"--coordinator_address=localhost:{port}",
+                               "--num_processes=2", f"--process_id={p}"], cwd=ROOT, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for p in range(2)]
+    for rc, out, err in _wait(procs):
+        assert rc == 0, err[-3000:]
+    a = json.loads((one / "table2_result.json").read_text())["rows"]
+    b = json.loads((two / "table2_result.json").read_text())["rows"]
+    for ra, rb in zip(a, b):
+        for k in ("fid", "sfid", "l2_to_fp", "nfe", "gain"):
+            assert ra[k] == rb[k], (ra["row"], k)
+        assert rb["num_samples"] == 8
+    assert not list(two.glob("rows/*/progress.p*.json"))  # folded into progress.json
+    prog = json.loads((two / "rows" / "FP" / "progress.json").read_text())
+    assert prog["samples"] == 8
