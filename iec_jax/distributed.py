@@ -11,7 +11,7 @@ processes) works on one work directory that every process sees (a shared filesys
 
 Launch (every process runs the same command, its own process id):
 
-    python -m experiments.evaluate --config ... --workdir /shared/run \\
+    python -m experiments.evaluate --config ... --workdir /cluster/run \\
         --distributed --coordinator_address=host0:12355 --num_processes=2 --process_id=0
 
 With ``--distributed`` and no addresses, ``jax.distributed.initialize()`` detects the

@@ -324,7 +324,7 @@ def compvis_unet_to_diffusers(
         the CompVis config (one of them; needed only when the net has ``AttentionBlock``s):
         ``num_heads`` heads everywhere, or ``C / num_head_channels`` heads at width C.
       new_attention_order: the CompVis ``use_new_attention_order`` (qkv split before
-        heads); False for the released LDM models.
+        heads); False for the published LDM models.
       prefix: the UNet's key prefix ("" for a bare UNet state dict).
 
     Returns:
