@@ -215,7 +215,7 @@ def test_bench_batch_times_the_unet_and_refuses_bad_sizes(tmp_path):
 
     out = tmp_path / "bench.json"
     n = jax.device_count()
-    bench_batch.main(["--model", REFERENCE_MODEL, "--unet", str(n), "--inception", "", "--out", str(out)])
+    bench_batch.main(["--model", str(REFERENCE_MODEL), "--unet", str(n), "--inception", "", "--out", str(out)])
     got = json.loads(out.read_text())
     assert got["devices"] == n and got["inception_ms_per_image"] == {}
     from iec_jax.io import host_cpu
@@ -224,7 +224,7 @@ def test_bench_batch_times_the_unet_and_refuses_bad_sizes(tmp_path):
     assert float(got["unet_ms_per_sample"][str(n)]) > 0
     if n > 1:
         with pytest.raises(ValueError, match="not divisible"):
-            bench_batch.unet_ms_per_sample(REFERENCE_MODEL, [n + 1], 1)
+            bench_batch.unet_ms_per_sample(str(REFERENCE_MODEL), [n + 1], 1)
     with pytest.raises(SystemExit):
         bench_batch.main(["--unet", "0"])
     with pytest.raises(SystemExit):
