@@ -15,10 +15,14 @@ folder's class, ``module_for``, content fingerprints), and the latent-diffusion 
 :mod:`~iec_jax.models.unet_cond` (UNet2DConditionModel: Stable Diffusion v1, LDM cin256),
 :mod:`~iec_jax.models.autoencoder` (VQ-f4, KL-f8), :mod:`~iec_jax.models.clip` (the CLIP
 ViT-L/14 text encoder and its tokenizer), :mod:`~iec_jax.models.convert_compvis` (the
-original CompVis single-file UNet layouts).
+original CompVis single-file UNet layouts), and :mod:`~iec_jax.models.ldm` (whole latent
+models: ``LatentModel`` from a diffusers pipeline folder, a CompVis single-file checkpoint
+or the converted folder ``experiments.convert`` writes).
 
     config, params = load_diffusers("path/to/unet")               # any of the four families
     eps = module_for(config).apply({"params": params}, x, t, context)
+
+    model = load_latent_model("runs/models/ldm-church")             # unet, autoencoder, schedule, ...
 
 Importing this package needs neither torch, safetensors nor orbax: the converters and the
 checkpoint functions import them when called.
@@ -31,6 +35,9 @@ from iec_jax.models.convert import convert_checkpoint, load_ddpm_original
 from iec_jax.models.convert_compvis import compvis_unet_to_diffusers, params_from_compvis_unet
 from iec_jax.models.loading import (BUNDLED, load_diffusers, load_unet, model_fingerprint,
                                     module_for, resolve_source, unet_denoiser)
+from iec_jax.models.ldm import (SETTINGS, ClassEmbedderConfig, LatentModel, LatentSchedule,
+                                load_compvis_checkpoint, load_latent_model, load_pipeline_folder,
+                                save_latent_model)
 from iec_jax.models.unet_cond import ClassEmbedder, UNetCondition, UNetConditionConfig
 from iec_jax.models.unet import (
     DEEPCACHE_DDPM_CACHE_POINT,
@@ -44,6 +51,14 @@ from iec_jax.models.unet import (
 )
 
 __all__ = [
+    "SETTINGS",
+    "ClassEmbedderConfig",
+    "LatentModel",
+    "LatentSchedule",
+    "load_compvis_checkpoint",
+    "load_latent_model",
+    "load_pipeline_folder",
+    "save_latent_model",
     "Autoencoder",
     "AutoencoderConfig",
     "CLIPTextConfig",

@@ -4,10 +4,16 @@ Two source layouts:
 
 * ``"diffusers"``: a ``UNet2DModel`` folder (``config.json`` and
   ``diffusion_pytorch_model.safetensors`` or ``.bin``), e.g. google/ddpm-cifar10-32 or
-  the bundled Fashion-MNIST reference checkpoint (iec_jax/assets/fmnist-ddpm);
+  the bundled Fashion-MNIST reference checkpoint (iec_jax/assets/fmnist-ddpm). In
+  :func:`convert_checkpoint` this layout also takes the other model folders that
+  :func:`iec_jax.models.loading.load_diffusers` reads (UNet2DConditionModel, VQModel,
+  AutoencoderKL, a transformers CLIPTextModel), saved as checkpoints of their kind;
 * ``"ddpm_original"``: the original DDPM checkpoint in the pytorch_diffusion layout, as the
   official IEC code loads it (``ema_diffusion_cifar10_model/model-790000.ckpt``, a plain
   state dict). It has no config: pass one (default :meth:`UNetConfig.ddpm_cifar10`).
+
+Whole latent-diffusion models (pipeline folders, single-file LDM / Stable Diffusion
+checkpoints) are converted by :mod:`iec_jax.models.ldm`.
 
 Naming: a diffusers key ``a.0.b.weight`` is the Flax path ``a_0/b/kernel`` (list
 containers ``down_blocks, up_blocks, resnets, attentions, downsamplers, upsamplers,
@@ -49,6 +55,7 @@ torch needed) except bfloat16 files, which NumPy cannot hold and go through torc
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -78,6 +85,8 @@ __all__ = [
 
 LAYOUTS = ("diffusers", "ddpm_original")
 PathLike = Union[str, Path]
+# Weight files of a model folder, in the order they are looked for (diffusers, then transformers).
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 
 _LIST_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers", "to_out")
 _FLAX_LIST_ITEM = re.compile(rf"^({'|'.join(_LIST_CONTAINERS)})_(\d+)$")
@@ -97,10 +106,14 @@ def _diffusers_index(expected_paths) -> dict[str, tuple[str, ...]]:
 
 
 def expected_param_shapes(config: UNetConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """Flax parameter path -> shape for ``config`` (traced, no arrays allocated)."""
+    """Flax parameter path -> shape for ``config`` (traced once per config, no arrays allocated)."""
+    return dict(_expected_param_shapes(config))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_param_shapes(config: UNetConfig) -> tuple:
     abstract = jax.eval_shape(lambda key: UNet(config).init_params(key), jax.random.key(0))
-    flat = traverse_util.flatten_dict(abstract)
-    return {path: tuple(leaf.shape) for path, leaf in flat.items()}
+    return tuple((path, tuple(leaf.shape)) for path, leaf in traverse_util.flatten_dict(abstract).items())
 
 
 def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -338,8 +351,10 @@ def convert_checkpoint(
     """Convert ``src`` and save it with :func:`~iec_jax.models.checkpoint.save_checkpoint`.
 
     Args:
-      src: a diffusers folder (layout "diffusers") or an original checkpoint file
-        (layout "ddpm_original").
+      src: a diffusers / transformers model folder (layout "diffusers": any class
+        :func:`iec_jax.models.loading.load_diffusers` reads -- UNet2DModel,
+        UNet2DConditionModel, VQModel, AutoencoderKL, CLIPTextModel) or an original
+        checkpoint file (layout "ddpm_original").
       dst: the output directory; created only if conversion succeeds.
       layout: one of :data:`LAYOUTS`.
       config: the architecture for "ddpm_original" (default DDPM CIFAR-10); must be None
@@ -356,8 +371,10 @@ def convert_checkpoint(
     if layout == "diffusers":
         if config is not None:
             raise ValueError("config must be None for layout='diffusers' (the folder's config.json is used)")
-        config, params = load_diffusers(src)
-        weights = [p for p in (src / "diffusion_pytorch_model.safetensors", src / "diffusion_pytorch_model.bin") if p.is_file()][0]
+        from iec_jax.models.loading import load_diffusers as load_any_diffusers
+
+        config, params = load_any_diffusers(src)
+        weights = [p for p in (src / name for name in _WEIGHT_FILES) if p.is_file()][0]
     elif layout == "ddpm_original":
         config, params = load_ddpm_original(src, config)
         weights = src
@@ -374,9 +391,20 @@ def convert_checkpoint(
     }
 
 
-def summarize(config: UNetConfig, params) -> str:
-    """A few lines describing a converted model."""
+def summarize(config, params) -> str:
+    """A few lines describing a converted model (a UNet in detail; any other model
+    config by its type and size)."""
     flat = traverse_util.flatten_dict(params)
+    if not isinstance(config, UNetConfig):
+        fields = []
+        for name in ("kind", "block_out_channels", "latent_channels", "scaling_factor", "cross_attention_dim",
+                     "hidden_size", "num_hidden_layers", "vocab_size", "n_classes", "embed_dim"):
+            if hasattr(config, name):
+                fields.append(f"{name} {getattr(config, name)!r}")
+        return "\n".join([
+            f"{type(config).__name__}: {count_params(params):,} parameters in {len(flat)} tensors",
+            f"  {', '.join(fields)}",
+        ])
     n_conv = sum(1 for p, v in flat.items() if p[-1] == "kernel" and v.ndim == 4)
     n_dense = sum(1 for p, v in flat.items() if p[-1] == "kernel" and v.ndim == 2)
     attn = [f"down {i}" for i, b in enumerate(config.down_block_types) if b.startswith("Attn")]
