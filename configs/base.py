@@ -113,3 +113,33 @@ def table_config(source: str, *, model_name: str, spacing: str = "quad",
         inception_batch_size=64, frechet_method="sqrtm"))
     c.rows = []
     return c
+
+
+def latent_sampling_config(setting: str, *, source: str, method: str, num_steps: int,
+                           scale: float = 1.0, iec_preset: str = "none") -> ml_collections.ConfigDict:
+    """A latent model's sampling job (``experiments.sample``): the setting fixes the
+    architecture, schedule and conditioning (iec_jax.models.ldm); the sampler uses the
+    LDM grid (+1 offset) and ends at the first level; guidance by class labels or a
+    prompts file."""
+    c = ml_collections.ConfigDict()
+    c.name = setting
+    c.seed = 1243  # the official scripts' seed
+    c.num_samples = 64
+    c.batch_size = 8
+    c.shard_size = 64
+    c.grid_size = 64
+    c.model = ml_collections.ConfigDict(dict(source=source, setting=setting, tokenizer="",
+                                             name=setting))
+    c.sampler = ml_collections.ConfigDict(dict(method=method, num_steps=num_steps,
+                                               spacing="ldm", eta=0.0))
+    c.guidance = ml_collections.ConfigDict(dict(scale=scale, classes=placeholder(tuple),
+                                                per_class=1, prompts_file=""))
+    c.iec = iec_config(iec_preset)
+    return c
+
+
+def latent_smoke(c) -> None:
+    """A random model of the setting's architecture at reduced width, a few samples."""
+    c.model.source = "smoke"
+    c.num_samples, c.batch_size, c.shard_size, c.grid_size = 8, 4, 8, 8
+    c.sampler.num_steps = min(c.sampler.num_steps, 5)

@@ -164,6 +164,8 @@ def make_batch_sampler(
     eta: float = 0.0,
     iec: Optional[IECConfig] = None,
     mesh: Optional[jax.sharding.Mesh] = None,
+    method: str = "ddim",
+    pass_indices: bool = False,
 ) -> Callable[[np.ndarray], tuple[np.ndarray, dict]]:
     """A function ``indices -> (x_0 float32, info)`` for a batch of sample indices.
 
@@ -171,8 +173,11 @@ def make_batch_sampler(
     then an argument of the jitted function, replicated over the mesh, instead of
     constants folded into the program (which would slow compilation of large models).
 
-    The batch is sharded over ``mesh`` (default: all devices); its length must be a
-    multiple of the mesh size. Everything from the keys to x_0 is one jitted call.
+    With ``pass_indices``, the factory is ``eps_fn(params, indices)``: per-sample
+    conditioning (class labels, prompts) as a function of the sample indices.
+
+    The batch is sharded over ``mesh`` (default: this process's devices); its length must
+    be a multiple of the mesh size. Everything from the keys to x_0 is one jitted call.
     """
     mesh = mesh or data_mesh()
     sharding = NamedSharding(mesh, P("data"))
@@ -180,10 +185,14 @@ def make_batch_sampler(
     base = jax.random.key(seed)
 
     def run(p, indices):
-        den = eps_fn if params is None else eps_fn(p)
+        if pass_indices:
+            den = eps_fn(p, indices)
+        else:
+            den = eps_fn if params is None else eps_fn(p)
         keys = per_sample_keys(base, indices)
         x_T, skeys = initial_noise(keys, shape)
-        return sample(den, x_T, skeys, schedule=schedule, timesteps=timesteps, eta=eta, iec=iec)
+        return sample(den, x_T, skeys, schedule=schedule, timesteps=timesteps, eta=eta, iec=iec,
+                      method=method)
 
     jitted = jax.jit(run, in_shardings=(replicated, sharding))
     placed = jax.device_put(params, replicated) if params is not None else None

@@ -85,6 +85,9 @@ def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
                      if v is None)
 
     def main(argv):
+        import logging
+
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing
         if len(argv) > 1:
             refuse(f"{what} flags", ValueError(f"unexpected arguments {argv[1:]}"))
         try:
@@ -109,6 +112,13 @@ def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
                 raise
             refuse(what, e)
         enable_compilation_cache()
-        job(s, workdir.value)
+        from iec_jax.run.settings import ConfigError
+
+        try:
+            job(s, workdir.value)
+        except ConfigError as e:  # bad input found once the model is loaded (class labels)
+            if traceback.value:
+                raise
+            refuse(what, e)
 
     app.run(main, flags_parser=flags_parser(what, required))
