@@ -340,6 +340,7 @@ def test_quant_denoiser_samples_with_iec(qs8):
 @pytest.mark.parametrize("field,value", [
     ("weight_bits", 1), ("act_bits", 20), ("first_last_bits", True), ("softmax_bits", "8"),
     ("split", 1), ("scale_method", "max"), ("symmetric", True), ("first_last_layers", "conv_in"),
+    ("act_per_channel", 1), ("scale_method", "percentile"),
 ])
 def test_bad_config_raises(field, value):
     with pytest.raises(ValueError, match=f"QuantConfig.{field}"):

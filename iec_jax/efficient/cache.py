@@ -1,11 +1,22 @@
 """DeepCache / CacheQuant feature caching: schedules, cache-DEC and the cached denoiser.
 
-Model functions. A *UNet function* is ``unet_fn(x, t, step, **kw)`` returning what
-``UNet.apply({'params': p}, x, t, **kw)`` returns (kw: ``cache_point``,
-``cached_feature``, ``return_feature``); ``step`` lets a quantized model pick its per-step
-quantizer tables. :func:`float_unet_fn` is the float model. Keep parameters jit
-arguments: build denoisers inside jit, e.g. ``make_batch_sampler(lambda p:
+Model functions. A *UNet function* is ``unet_fn(x, t, step, *context, **kw)`` returning
+what the network returns (kw: ``cache_point``, ``cached_feature``, ``return_feature``);
+``step`` lets a quantized model pick its per-step quantizer tables; a conditional model
+(``UNetCondition``) takes its context as the one extra positional argument or has it
+bound (:mod:`iec_jax.efficient.adapter`). :func:`float_unet_fn` is the float model of a
+``UNet``, a ``UNetCondition`` or a :class:`~iec_jax.efficient.adapter.ModelSpec`. Keep
+parameters jit arguments: build denoisers inside jit, e.g. ``make_batch_sampler(lambda p:
 cached_denoiser(float_unet_fn(unet, p), ...), params=params, ...)``.
+
+Latent models (docs/semantics.md §4.2): the cache point is the shallowest branch
+``CachePoint(levels - 1, layers_per_block)`` (``ModelSpec(module).resolve_cache_point()``
+for a UNetCondition, ``ModelSpec(unet, family="ldm")`` for the LSUN UNets); a cached step
+then runs conv_in, ``up_blocks[-1].resnets[-1]`` (+ its attention, with the context where
+it is a cross-attention transformer) and the output head. With classifier-free guidance,
+wrap the cached denoiser in :func:`iec_jax.guided_denoiser`: its state, the cached
+feature, is the whole 2B batch [uncond ; cond], carried in the sampler's scan carry and
+overwritten by every full pass (IEC evaluations included, docs/semantics.md §3).
 
 Schedules are bool masks of length S (True = full-compute "slow" step; step 0 is always
 full). Official sources (docs/semantics.md §4.2-§4.4):
@@ -37,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iec_jax.denoisers import Denoiser
+from iec_jax.efficient.adapter import UNetFunction, as_model
 
 __all__ = [
     "float_unet_fn",
@@ -58,14 +70,16 @@ __all__ = [
 UNetFn = Callable[..., Any]
 
 
-def float_unet_fn(unet, params) -> UNetFn:
-    """The float model as a UNet function (``step`` is ignored)."""
+def float_unet_fn(unet, params, *, context=None) -> UNetFunction:
+    """The float model as a UNet function (``step`` is ignored). ``unet``: a UNet, a
+    UNetCondition or a ModelSpec; ``context``: bind a context (conditional models)."""
+    model = as_model(unet)
 
-    def fn(x, t, step, **kw):
+    def run(x, t, step, ctx, **kw):
         del step
-        return unet.apply({"params": params}, x, t, **kw)
+        return model.apply(params, x, t, ctx, **kw)
 
-    return fn
+    return UNetFunction(model, run, context)
 
 
 # ----------------------------------------------------------------------- schedules
@@ -275,7 +289,10 @@ class CachedDenoiser(Denoiser):
 
     Full step: a full pass with ``return_feature=True``; the feature becomes the state.
     Cached step: a partial pass from ``dec.apply(state, step)``; the state is unchanged.
-    One ``lax.cond`` on ``full_steps[step]`` runs only the needed branch.
+    One ``lax.cond`` on ``full_steps[step]`` runs only the needed branch. A context given
+    after the state (``den(x, t, step, state, context)``, as :func:`iec_jax.guided_denoiser`
+    passes it) goes to the UNet function unchanged; under guidance x, t, the context and
+    the state all have the 2B batch.
     """
 
     unet_fn: UNetFn
@@ -284,19 +301,23 @@ class CachedDenoiser(Denoiser):
     dec: Optional[CacheDEC] = None
 
     def init_state(self, x_T):
+        fn = self.unet_fn
+        if isinstance(fn, UNetFunction) and fn.model.conditional and fn.context is None:
+            # The context comes per call: the feature's shape is known without one.
+            return jnp.zeros(fn.model.feature_shape(x_T.shape, self.cache_point), fn.model.dtype)
         t = jnp.zeros(x_T.shape[:1], jnp.int32)
         fn = lambda x: self.unet_fn(x, t, jnp.int32(0), cache_point=self.cache_point, return_feature=True)  # noqa: E731
         spec = jax.eval_shape(fn, x_T)[1]
         return jnp.zeros(spec.shape, spec.dtype)
 
-    def __call__(self, x, t, step, state):
+    def __call__(self, x, t, step, state, *context):
         def full(cache):
-            eps, feat = self.unet_fn(x, t, step, cache_point=self.cache_point, return_feature=True)
+            eps, feat = self.unet_fn(x, t, step, *context, cache_point=self.cache_point, return_feature=True)
             return eps, feat.astype(cache.dtype)
 
         def partial(cache):
             h = cache if self.dec is None else self.dec.apply(cache, step)
-            return self.unet_fn(x, t, step, cache_point=self.cache_point, cached_feature=h), cache
+            return self.unet_fn(x, t, step, *context, cache_point=self.cache_point, cached_feature=h), cache
 
         return jax.lax.cond(jnp.asarray(self.full_steps)[step], full, partial, state)
 

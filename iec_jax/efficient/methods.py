@@ -24,25 +24,45 @@ interval, schedule and bit-widths (``fmnist-ddpm_S100_N10_uniform_W8A8``) and is
 different checkpoint under the same name is refused) on later runs: calibration is resumable and, given its
 seed, deterministic. The FP trajectories are recomputed when an artifact is missing (they
 are large: ~7 MB per sample at S = 100 for fmnist-ddpm, so they are not stored).
+
+Latent and conditional models (docs/semantics.md §4, §6): ``unet_config`` may be a
+``UNetConditionConfig`` or a :class:`~iec_jax.efficient.adapter.ModelSpec`; ``family="ldm"``
+asks for the latent family's quant-DEC layers on an LSUN ``UNet`` (a UNetCondition is
+always "ldm"); ``contexts`` (:class:`CalibrationContexts`) gives the calibration
+trajectories' contexts, the unconditional context and guidance scale, and the sampler
+(DDIM, or PLMS for Stable Diffusion); ``quant_options`` passes extra :class:`QuantConfig
+<iec_jax.efficient.quant.QuantConfig>` fields (e.g. the Bedroom per-channel variant,
+``dict(scale_method="max", act_per_channel=True)``). The factory of a conditional model
+returns a denoiser that takes the context after its state, for
+:func:`iec_jax.guided_denoiser`::
+
+    factory, fparams = builder.build(num_steps=250, bits=(8, 8), cache_interval=20,
+                                     cache_schedule="dps", dec=True)
+    den = lambda p: iec_jax.guided_denoiser(factory(p), cond, uncond, 1.5)
+
+These options enter the artifacts' metadata (and file names) only when set, so the
+pixel models' artifacts are those of before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from iec_jax.efficient import cache as cache_lib
 from iec_jax.efficient import calibration as calib_lib
 from iec_jax.efficient import quant as quant_lib
+from iec_jax.efficient.adapter import ModelSpec
 from iec_jax.io import write_json
-from iec_jax.models import UNet
 from iec_jax.schedule import NoiseSchedule, make_timesteps
 
-__all__ = ["CalibrationConfig", "MethodBuilder", "nonuniform_center"]
+__all__ = ["CalibrationConfig", "CalibrationContexts", "class_contexts", "MethodBuilder",
+           "nonuniform_center"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +114,76 @@ class CalibrationConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class CalibrationContexts:
+    """The contexts of a conditional model's calibration trajectories (arrays; e.g. from
+    ``iec_jax.latent.Conditioning.contexts`` for the first N sample indices).
+
+    Attributes:
+      context: (M, n_tokens, dim) contexts; calibration sample i uses row i (M must be at
+        least ``CalibrationConfig.num_samples``): cin256 class embeddings of random
+        labels, Stable Diffusion prompt embeddings.
+      uncond: the unconditional context, (n_tokens, dim) or (M, n_tokens, dim) (cin256:
+        the null class's embedding, SD: the empty prompt's), or None without guidance.
+      guidance_scale: the classifier-free guidance weight (with ``uncond``); every
+        trajectory step is then one 2B pass [uncond ; cond], whose 2B feature is cached.
+      method: the calibration sampler, "ddim" (LSUN, cin256) or "plms" (SD).
+    """
+
+    context: Any
+    uncond: Any = None
+    guidance_scale: Optional[float] = None
+    method: str = "ddim"
+
+    def __post_init__(self):
+        ctx = np.asarray(self.context, np.float32)
+        if ctx.ndim != 3:
+            raise ValueError(f"CalibrationContexts.context must be (samples, n_tokens, dim), got {ctx.shape}")
+        object.__setattr__(self, "context", ctx)
+        if (self.uncond is None) != (self.guidance_scale is None):
+            raise ValueError("CalibrationContexts: give uncond and guidance_scale together (guidance) or neither")
+        if self.uncond is not None:
+            unc = np.asarray(self.uncond, np.float32)
+            if unc.shape not in (ctx.shape[1:], ctx.shape):
+                raise ValueError(f"CalibrationContexts.uncond must be {ctx.shape[1:]} or {ctx.shape},"
+                                 f" got {unc.shape}")
+            object.__setattr__(self, "uncond", unc)
+            object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        if self.method not in ("ddim", "plms"):
+            raise ValueError(f"CalibrationContexts.method must be 'ddim' or 'plms', got {self.method!r}")
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the contexts, the scale and the sampler (enters artifact metadata)."""
+        h = hashlib.sha256(json.dumps([self.guidance_scale, self.method]).encode())
+        for a in (self.context, self.uncond):
+            if a is not None:
+                h.update(f"{a.shape}".encode())
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    def rows(self, n: int) -> dict:
+        """fp_trajectories' conditioning keywords for the first ``n`` samples."""
+        if self.context.shape[0] < n:
+            raise ValueError(f"CalibrationContexts has {self.context.shape[0]} contexts for {n}"
+                             " calibration samples")
+        unc = self.uncond
+        if unc is not None and unc.ndim == 3:
+            unc = unc[:n]
+        return dict(context=self.context[:n], uncond=unc, guidance_scale=self.guidance_scale, method=self.method)
+
+
+def class_contexts(embed: Callable, num_samples: int, *, seed: int, guidance_scale: Optional[float],
+                   num_classes: int = 1000, null_class: int = 1000) -> CalibrationContexts:
+    """Random class labels for a class-conditional model (cin256: 1000 classes, the null
+    class 1000): labels ``default_rng(seed).integers(0, num_classes, num_samples)``,
+    ``embed(labels (n,) int32) -> (n, 1, dim)`` (e.g. the ``ClassEmbedder``), and with a
+    ``guidance_scale`` the null class's embedding as the unconditional context."""
+    labels = np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
+    context = np.asarray(embed(labels), np.float32)
+    uncond = None if guidance_scale is None else np.asarray(embed(np.array([null_class], np.int32)), np.float32)[0]
+    return CalibrationContexts(context, uncond, guidance_scale)
+
+
 def nonuniform_center(calib, num_steps: int) -> int:
     """The non-uniform cache schedule's centre step: ``calib.nonuniform_center``, or the
     middle step where it is unset (None or negative)."""
@@ -102,27 +192,80 @@ def nonuniform_center(calib, num_steps: int) -> int:
 
 
 class MethodBuilder:
+    """Builds (and calibrates, once) the efficient models of one network.
+
+    Args:
+      unet_config: a ``UNetConfig``, a ``UNetConditionConfig`` or a ModelSpec.
+      params: the float parameters.
+      schedule, shape, spacing: the noise schedule, the sample (latent) shape (h, w, c)
+        and the timestep spacing of the sampler.
+      cache_point: the DeepCache cache point.
+      model_name, fingerprint: name the artifacts (fingerprint: the model's content).
+      dtype: the computation dtype's name ("float32" / "bfloat16").
+      calibration: a :class:`CalibrationConfig`; artifact_dir: where artifacts live.
+      family: None, or "ldm" for the latent family's quant-DEC layers on an LSUN UNet
+        (see :mod:`iec_jax.efficient.adapter`).
+      contexts: a :class:`CalibrationContexts` (required for a conditional model).
+      quant_options: extra QuantConfig fields for every quantized model.
+    """
+
     def __init__(self, unet_config, params, *, schedule: NoiseSchedule, shape: tuple,
                  cache_point, model_name: str, dtype: str = "float32", calibration,
-                 artifact_dir: str, spacing: str, fingerprint: Optional[str] = None):
-        from iec_jax.models.loading import DTYPES, model_fingerprint
+                 artifact_dir: str, spacing: str, fingerprint: Optional[str] = None,
+                 family: Optional[str] = None, contexts: Optional[CalibrationContexts] = None,
+                 quant_options: Optional[Mapping[str, Any]] = None):
+        from iec_jax.models.loading import DTYPES, model_fingerprint, module_for
 
         if dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
-        self.unet = UNet(unet_config, dtype=DTYPES[dtype])
+        if isinstance(unet_config, ModelSpec):
+            if unet_config.dtype != DTYPES[dtype]:
+                raise ValueError(f"the ModelSpec computes in {unet_config.dtype}, model.dtype is {dtype!r}")
+            if family is not None and family != unet_config.family:
+                raise ValueError(f"family {family!r} differs from the ModelSpec's {unet_config.family!r}")
+            spec = unet_config
+        else:
+            spec = ModelSpec(module_for(unet_config, DTYPES[dtype]), family)
+        self.cache_point = tuple(int(i) for i in cache_point)
+        try:
+            self.model = dataclasses.replace(spec, cache_point=self.cache_point)
+        except ValueError:  # a cache point the network lacks fails where it is used
+            self.model = spec
+        self.unet = self.model.module
+        if self.model.conditional and contexts is None:
+            raise ValueError("a conditional model needs contexts (CalibrationContexts) for its calibration")
+        if contexts is not None and not self.model.conditional:
+            raise ValueError("calibration contexts given for an unconditional model")
+        self.contexts = contexts
+        self.quant_options = dict(quant_options or {})
+        quant_lib.QuantConfig(**self.quant_options)  # fail early on a bad option
         self.params = params
         # Artifacts name the model; its content fingerprint (architecture and weights)
         # guards against another checkpoint under the same name.
-        self.fingerprint = fingerprint or model_fingerprint(unet_config, params)
+        self.fingerprint = fingerprint or model_fingerprint(self.model.config, params)
         self.schedule = schedule
         self.shape = tuple(shape)
-        self.cache_point = tuple(int(i) for i in cache_point)
         self.model_name = model_name
         self.dtype = dtype
         self.calib = calibration
         self.artifact_dir = artifact_dir
         self.spacing = spacing
         self._traj: dict[int, dict] = {}
+
+    def _qconfig(self, weight_bits: int, act_bits: int) -> quant_lib.QuantConfig:
+        return quant_lib.QuantConfig(weight_bits=weight_bits, act_bits=act_bits, **self.quant_options)
+
+    def _extra_meta(self) -> dict:
+        """Metadata of the options beyond the pixel setting (empty for it)."""
+        extra = {}
+        if self.model.family != "ddpm":
+            extra["family"] = self.model.family
+        if self.contexts is not None:
+            extra["contexts"] = self.contexts.fingerprint()
+        return extra
+
+    def _quant_suffix(self) -> str:
+        return "_chmax" if self.quant_options.get("act_per_channel") else ""
 
     # ----------------------------------------------------------------- calibration
     def _path(self, stem: str) -> str:
@@ -136,6 +279,8 @@ class MethodBuilder:
                     act_batch_size=int(c.act_batch_size))
         if interval and kind == "dps":
             meta.update(dps_samples=int(c.dps_samples))
+        if self.quant_options:
+            meta.update(quant_options=dict(sorted(self.quant_options.items())))
         return meta
 
     def _have(self, path: str, meta: dict) -> bool:
@@ -161,10 +306,11 @@ class MethodBuilder:
             c = self.calib
             print(f"calibration: FP trajectories of {c.num_samples} samples, {num_steps} steps",
                   flush=True)
+            cond = {} if self.contexts is None else self.contexts.rows(c.num_samples)
             self._traj[num_steps] = calib_lib.fp_trajectories(
-                lambda p: cache_lib.float_unet_fn(self.unet, p), c.num_samples, c.batch_size,
+                lambda p: cache_lib.float_unet_fn(self.model, p), c.num_samples, c.batch_size,
                 c.seed, self.schedule, self.timesteps(num_steps), self.shape, self.cache_point,
-                params=self.params)
+                params=self.params, **cond)
         return self._traj[num_steps]
 
     def _meta(self, num_steps, interval, kind, bits=None, dec=False) -> dict:
@@ -182,6 +328,7 @@ class MethodBuilder:
             meta.update(calib_samples=int(c.num_samples), calib_seed=int(c.seed))
         if kind == "dps":
             meta.update(dps_samples=int(c.dps_samples))
+        meta.update(self._extra_meta())
         return meta
 
     def cache_artifacts(self, num_steps: int, interval: int, kind: str, dec: bool):
@@ -216,8 +363,8 @@ class MethodBuilder:
         are 8-bit whatever the configured bits. So W8A8 and W4A8 share one calibration."""
         stem = calib_lib.artifact_key(self.model_name, num_steps, interval or 1,
                                       kind if interval else "nocache") + f"_A{act_bits}" + (
-            "_dec" if dec else "")
-        qcfg = quant_lib.QuantConfig(weight_bits=quant_lib.NO_QUANT_BITS, act_bits=act_bits)
+            "_dec" if dec else "") + self._quant_suffix()
+        qcfg = self._qconfig(quant_lib.NO_QUANT_BITS, act_bits)
         path = self._path(stem)
         meta = self._quant_meta(num_steps, interval, kind, (quant_lib.NO_QUANT_BITS, act_bits), dec)
         if self._have(path, meta):
@@ -231,7 +378,7 @@ class MethodBuilder:
                                           per_step_full=c.per_step_full,
                                           per_step_cached=c.per_step_cached, seed=c.seed,
                                           dec=cdec)
-        qstate = quant_lib.build_quant_state(self.unet, self.params, steps, qcfg,
+        qstate = quant_lib.build_quant_state(self.model, self.params, steps, qcfg,
                                              cache_point=self.cache_point,
                                              batch_size=c.act_batch_size)
         quant_lib.save_quant_state(path, qstate, unet_config=self.unet.config)
@@ -243,14 +390,14 @@ class MethodBuilder:
         the MSE search, the shared activation tables, and quant-DEC when ``dec``."""
         stem = calib_lib.artifact_key(self.model_name, num_steps, interval or 1,
                                       kind if interval else "nocache", *bits) + (
-            "_dec" if dec else "")
-        qcfg = quant_lib.QuantConfig(weight_bits=bits[0], act_bits=bits[1])
+            "_dec" if dec else "") + self._quant_suffix()
+        qcfg = self._qconfig(bits[0], bits[1])
         path = self._path(stem)
         meta = self._quant_meta(num_steps, interval, kind, bits, dec)
         if self._have(path, meta):
             return quant_lib.load_quant_state(path, config=qcfg, unet_config=self.unet.config)
         act = self.act_tables(num_steps, bits[1], interval, kind, dec)
-        qstate = quant_lib.QuantState(quant_lib.quantize_params(self.unet, self.params, qcfg),
+        qstate = quant_lib.QuantState(quant_lib.quantize_params(self.model, self.params, qcfg),
                                       act, None, qcfg, None)
         if dec:
             full, cdec = self.cache_artifacts(num_steps, interval, kind, dec)
@@ -264,7 +411,7 @@ class MethodBuilder:
                 if not full[i]:
                     f = np.asarray(cdec.a[i])[None, None, None] * f + np.asarray(cdec.b[i])
                 feats.append(f)
-            qstate = quant_lib.fit_quant_dec(self.unet, self.params, qstate, feats,
+            qstate = quant_lib.fit_quant_dec(self.model, self.params, qstate, feats,
                                              cache_point=self.cache_point)
         quant_lib.save_quant_state(path, qstate, unet_config=self.unet.config)
         write_json(path[:-4] + ".json", meta)
@@ -273,10 +420,12 @@ class MethodBuilder:
     # --------------------------------------------------------------------- building
     def build(self, *, num_steps: int, bits: Optional[tuple] = None, cache_interval: int = 0,
               cache_schedule: str = "uniform", dec: bool = False):
-        """``(factory, params)``: ``factory(params) -> Denoiser`` for the sampler."""
+        """``(factory, params)``: ``factory(params) -> Denoiser`` for the sampler (for a
+        conditional model a denoiser taking the context after its state, to be wrapped by
+        :func:`iec_jax.guided_denoiser`)."""
         if dec and not cache_interval:
             raise ValueError("DEC needs a cache (cache_interval > 0)")
-        unet, cp = self.unet, self.cache_point
+        unet, cp = self.model, self.cache_point
         full = cdec = None
         if cache_interval:
             full, cdec = self.cache_artifacts(num_steps, cache_interval, cache_schedule, dec)
@@ -293,7 +442,7 @@ class MethodBuilder:
 
             def factory(p):
                 fn = unet_fn(p)
-                return StatefulDenoiser(lambda x, t, step, s: (fn(x, t, step), s))
+                return StatefulDenoiser(lambda x, t, step, s, *c: (fn(x, t, step, *c), s))
         else:
             def factory(p):
                 return cache_lib.cached_denoiser(unet_fn(p), full_steps=full, cache_point=cp,
