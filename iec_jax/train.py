@@ -61,6 +61,13 @@ and examples/s (the first window after a (re)start includes the compile time), t
 log, and — when clu's metric writers can be imported (their TensorFlow backend, the
 ``tensorboard`` extra) — TensorBoard event files in the workdir. At the start the run
 prints ``clu.parameter_overview``'s table of the parameters.
+
+Shared with the latent trainers (:mod:`iec_jax.train_latent`): the loop
+(:func:`fit_loop`, given a :class:`LoopParts`), the jitted step around any loss
+(:func:`build_train_step`), the replicated init (:func:`build_init`), the ε-loss of any
+predictor (:func:`noise_prediction_loss`) and the validation of the shared config fields
+(:func:`validate_common_fields`, :func:`validate_schedule_fields`,
+:func:`read_config_fields`); :func:`fit` is :func:`fit_loop` with this module's UNet parts.
 """
 
 from __future__ import annotations
@@ -97,16 +104,26 @@ __all__ = [
     "ema_decay",
     "init_train_state",
     "initial_state",
+    "init_key",
     "step_key",
+    "noise_prediction_loss",
     "diffusion_loss",
+    "schedule_tables",
     "make_train_step",
+    "build_train_step",
+    "build_init",
     "array_batches",
     "dataset_batches",
     "TrainMetrics",
     "metric_writer",
     "open_checkpoints",
     "restore_or_init",
+    "LoopParts",
     "fit",
+    "fit_loop",
+    "validate_common_fields",
+    "validate_schedule_fields",
+    "read_config_fields",
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -165,6 +182,101 @@ def _is_real(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+# ------------------------------------------------------- validation shared by trainers
+def validate_schedule_fields(config, fail: Callable[[str, str], Any]) -> None:
+    """Checks (and normalises to float / int) the noise-schedule fields ``schedule_kind``,
+    ``beta_start``, ``beta_end`` and ``num_timesteps`` of a training config; ``fail(field,
+    message)`` raises the error naming the field's config path."""
+    if config.schedule_kind not in SCHEDULE_KINDS:
+        fail("schedule_kind", f"must be one of {SCHEDULE_KINDS}, got {config.schedule_kind!r}")
+    for name in ("beta_start", "beta_end"):
+        value = getattr(config, name)
+        if not _is_real(value) or not 0 < value < 1:
+            fail(name, f"must lie in (0, 1), got {value!r}")
+        object.__setattr__(config, name, float(value))
+    if not config.beta_start <= config.beta_end:
+        fail("beta_end", f"must be >= schedule.beta_start, got {config.beta_end} < {config.beta_start}")
+    if not _is_int(config.num_timesteps) or config.num_timesteps < 1:
+        fail("num_timesteps", f"must be an int >= 1, got {config.num_timesteps!r}")
+    object.__setattr__(config, "num_timesteps", int(config.num_timesteps))
+
+
+def validate_common_fields(config, fail: Callable[[str, str], Any]) -> None:
+    """Checks (and normalises) the fields every trainer of this project shares: ``dtype``,
+    the data fields ``split``, ``data_dir``, ``flip``, the optimizer (``learning_rate``,
+    ``lr_schedule``, ``warmup_steps``, ``b1``, ``b2``, ``eps``, ``weight_decay``,
+    ``grad_clip_norm``), the EMA (``ema_decay``, ``ema_warmup``), ``seed`` and the
+    training loop (``batch_size``, ``num_steps``, ``log_every``, ``checkpoint_every``,
+    ``keep_checkpoints``). ``fail(field, message)`` raises the error naming the field's
+    config path. Used by :class:`TrainConfig` and the latent trainers
+    (:mod:`iec_jax.train_latent`)."""
+    if config.dtype not in DTYPES:
+        fail("dtype", f"must be one of {tuple(DTYPES)}, got {config.dtype!r}")
+    for name, minimum in (
+        ("warmup_steps", 0),
+        ("seed", 0),
+        ("batch_size", 1),
+        ("num_steps", 1),
+        ("log_every", 1),
+        ("checkpoint_every", 1),
+        ("keep_checkpoints", 1),
+    ):
+        value = getattr(config, name)
+        if not _is_int(value) or value < minimum:
+            fail(name, f"must be an int >= {minimum}, got {value!r}")
+        object.__setattr__(config, name, int(value))
+    for name in ("learning_rate", "eps", "grad_clip_norm"):
+        value = getattr(config, name)
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            fail(name, f"must be a finite number > 0, got {value!r}")
+    for name in ("b1", "b2", "ema_decay"):
+        value = getattr(config, name)
+        if not _is_real(value) or not 0 <= value < 1:
+            fail(name, f"must lie in [0, 1), got {value!r}")
+    if not _is_real(config.weight_decay) or not 0 <= config.weight_decay < 1:
+        fail("weight_decay", f"must lie in [0, 1), got {config.weight_decay!r}")
+    for name in ("learning_rate", "b1", "b2", "eps", "weight_decay", "grad_clip_norm", "ema_decay"):
+        object.__setattr__(config, name, float(getattr(config, name)))
+    for name in ("flip", "ema_warmup"):
+        if not isinstance(getattr(config, name), (bool, np.bool_)):
+            fail(name, f"must be True or False, got {getattr(config, name)!r}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        fail("lr_schedule", f"must be one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
+    if config.lr_schedule == "cosine" and config.warmup_steps >= config.num_steps:
+        fail("warmup_steps", f"must be < training.num_steps={config.num_steps} for the cosine schedule")
+    if config.data_dir is not None and not isinstance(config.data_dir, str):
+        fail("data_dir", f"must be a path string or None, got {config.data_dir!r}")
+    if not isinstance(config.split, str) or not config.split:
+        fail("split", f"must be a non-empty split name, got {config.split!r}")
+
+
+def read_config_fields(config, paths: Mapping[str, str]) -> dict[str, Any]:
+    """The values of an ml_collections config (or a plain dict) by field, for the fields
+    ``paths`` maps to config paths (``"head"`` or ``"head.tail"``); absent ones are left
+    out. Unknown keys raise a ValueError naming them."""
+    cfg = config.to_dict() if hasattr(config, "to_dict") else json.loads(json.dumps(config))
+    cfg = {k: dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    kwargs = {}
+    for field, path in paths.items():
+        head, _, tail = path.partition(".")
+        if not tail:
+            if head in cfg:
+                kwargs[field] = cfg.pop(head)
+            continue
+        block = cfg.get(head)
+        if not isinstance(block, dict):
+            if block is not None:
+                raise ValueError(f"{head}: must be a config block, got {block!r}")
+            continue
+        if tail in block:
+            kwargs[field] = block.pop(tail)
+    leftovers = [f"{k}.{kk}" for k, v in cfg.items() if isinstance(v, dict) for kk in v]
+    leftovers += [k for k, v in cfg.items() if not isinstance(v, dict)]
+    if leftovers:
+        raise ValueError(f"unknown training config field(s) {sorted(leftovers)}")
+    return kwargs
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on, validated (ValueError names the config path).
@@ -205,54 +317,8 @@ class TrainConfig:
     def __post_init__(self):
         if not isinstance(self.unet, UNetConfig):
             _fail("unet", f"must be a UNetConfig, got {type(self.unet).__name__}")
-        if self.dtype not in DTYPES:
-            _fail("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.schedule_kind not in SCHEDULE_KINDS:
-            _fail("schedule_kind", f"must be one of {SCHEDULE_KINDS}, got {self.schedule_kind!r}")
-        for name in ("beta_start", "beta_end"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0 < value < 1:
-                _fail(name, f"must lie in (0, 1), got {value!r}")
-        if not self.beta_start <= self.beta_end:
-            _fail("beta_end", f"must be >= schedule.beta_start, got {self.beta_end} < {self.beta_start}")
-        for name, minimum in (
-            ("num_timesteps", 1),
-            ("warmup_steps", 0),
-            ("seed", 0),
-            ("batch_size", 1),
-            ("num_steps", 1),
-            ("log_every", 1),
-            ("checkpoint_every", 1),
-            ("keep_checkpoints", 1),
-        ):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                _fail(name, f"must be an int >= {minimum}, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        for name in ("learning_rate", "eps", "grad_clip_norm"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                _fail(name, f"must be a finite number > 0, got {value!r}")
-        for name in ("b1", "b2", "ema_decay"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0 <= value < 1:
-                _fail(name, f"must lie in [0, 1), got {value!r}")
-        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay < 1:
-            _fail("weight_decay", f"must lie in [0, 1), got {self.weight_decay!r}")
-        for name in ("learning_rate", "beta_start", "beta_end", "b1", "b2", "eps", "weight_decay",
-                     "grad_clip_norm", "ema_decay"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("flip", "ema_warmup"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                _fail(name, f"must be True or False, got {getattr(self, name)!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            _fail("lr_schedule", f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.lr_schedule == "cosine" and self.warmup_steps >= self.num_steps:
-            _fail("warmup_steps", f"must be < training.num_steps={self.num_steps} for the cosine schedule")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            _fail("data_dir", f"must be a path string or None, got {self.data_dir!r}")
-        if not isinstance(self.split, str) or not self.split:
-            _fail("split", f"must be a non-empty split name, got {self.split!r}")
+        validate_schedule_fields(self, _fail)
+        validate_common_fields(self, _fail)
         self._check_data_shape()
 
     def _check_data_shape(self) -> None:
@@ -286,26 +352,7 @@ class TrainConfig:
 
         Unknown keys and bad values raise a ValueError naming the config path.
         """
-        cfg = config.to_dict() if hasattr(config, "to_dict") else json.loads(json.dumps(config))
-        cfg = {k: dict(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
-        kwargs = {}
-        for field, path in _CONFIG_PATHS.items():
-            head, _, tail = path.partition(".")
-            if not tail:
-                if head in cfg:
-                    kwargs[field] = cfg.pop(head)
-                continue
-            block = cfg.get(head)
-            if not isinstance(block, dict):
-                if block is not None:
-                    raise ValueError(f"{head}: must be a config block, got {block!r}")
-                continue
-            if tail in block:
-                kwargs[field] = block.pop(tail)
-        leftovers = [f"{k}.{kk}" for k, v in cfg.items() if isinstance(v, dict) for kk in v]
-        leftovers += [k for k, v in cfg.items() if not isinstance(v, dict)]
-        if leftovers:
-            raise ValueError(f"unknown training config field(s) {sorted(leftovers)}")
+        kwargs = read_config_fields(config, _CONFIG_PATHS)
         unet = kwargs.get("unet")
         if unet is None:
             raise ValueError("model.unet: missing (the UNetConfig fields)")
@@ -416,6 +463,25 @@ def init_train_state(config: TrainConfig, key: jax.Array) -> TrainState:
     )
 
 
+def noise_prediction_loss(eps_fn: Callable, params, x0: jax.Array, key: jax.Array, *,
+                          sqrt_alpha: jax.Array, sqrt_one_minus_alpha: jax.Array) -> jax.Array:
+    """L_simple of a batch ``x0`` (b, ...) for any ε-predictor: mean squared ε error (float32).
+
+    ``eps_fn(params, x_t, t, dropout_key)`` returns ε̂ of ``x_t``'s shape. ``sqrt_alpha[t]``
+    = sqrt(ᾱ_t), ``sqrt_one_minus_alpha[t]`` = sqrt(1 - ᾱ_t), float32 arrays of length T.
+    ``key`` is split into the t, ε and dropout keys (in that order).
+    """
+    t_key, noise_key, dropout_key = jax.random.split(key, 3)
+    num_timesteps = sqrt_alpha.shape[0]
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, num_timesteps, dtype=jnp.int32)
+    eps = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    x0 = x0.astype(jnp.float32)
+    expand = (slice(None),) + (None,) * (x0.ndim - 1)
+    x_t = sqrt_alpha[t][expand] * x0 + sqrt_one_minus_alpha[t][expand] * eps
+    eps_hat = eps_fn(params, x_t, t, dropout_key)
+    return jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps))
+
+
 def diffusion_loss(params, x0: jax.Array, key: jax.Array, *, net: UNet, sqrt_alpha: jax.Array,
                    sqrt_one_minus_alpha: jax.Array, train: bool = True) -> jax.Array:
     """L_simple of a batch ``x0`` (b, h, w, c) in [-1, 1]: mean squared ε error (float32).
@@ -423,17 +489,16 @@ def diffusion_loss(params, x0: jax.Array, key: jax.Array, *, net: UNet, sqrt_alp
     ``sqrt_alpha[t]`` = sqrt(ᾱ_t), ``sqrt_one_minus_alpha[t]`` = sqrt(1 - ᾱ_t), float32
     arrays of length T. ``key`` gives t, ε and (with ``train``) the dropout masks.
     """
-    t_key, noise_key, dropout_key = jax.random.split(key, 3)
-    num_timesteps = sqrt_alpha.shape[0]
-    t = jax.random.randint(t_key, (x0.shape[0],), 0, num_timesteps, dtype=jnp.int32)
-    eps = jax.random.normal(noise_key, x0.shape, jnp.float32)
-    x0 = x0.astype(jnp.float32)
-    x_t = sqrt_alpha[t][:, None, None, None] * x0 + sqrt_one_minus_alpha[t][:, None, None, None] * eps
-    eps_hat = net.apply({"params": params}, x_t, t, train=train, rngs={"dropout": dropout_key})
-    return jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps))
+    def eps_fn(p, x_t, t, dropout_key):
+        return net.apply({"params": p}, x_t, t, train=train, rngs={"dropout": dropout_key})
+
+    return noise_prediction_loss(eps_fn, params, x0, key, sqrt_alpha=sqrt_alpha,
+                                 sqrt_one_minus_alpha=sqrt_one_minus_alpha)
 
 
-def _schedule_tables(config: TrainConfig) -> tuple[jax.Array, jax.Array]:
+def schedule_tables(config) -> tuple[jax.Array, jax.Array]:
+    """(sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) of the config's training schedule, float32 (rounded
+    once from float64); ``config`` has the schedule fields of :class:`TrainConfig`."""
     alphas_cumprod = make_schedule(config).alphas_cumprod  # float64
     return (jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32),
             jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32))
@@ -457,17 +522,38 @@ def make_train_step(config: TrainConfig, mesh: Optional[jax.sharding.Mesh] = Non
 @functools.lru_cache(maxsize=16)
 def _make_train_step(config: TrainConfig, mesh: jax.sharding.Mesh):
     net = UNet(config.unet, dtype=DTYPES[config.dtype])
+    sqrt_alpha, sqrt_one_minus_alpha = schedule_tables(config)
+
+    def loss_fn(params, batch, key):
+        loss = diffusion_loss(params, x0=batch, key=key, net=net, sqrt_alpha=sqrt_alpha,
+                              sqrt_one_minus_alpha=sqrt_one_minus_alpha, train=True)
+        return loss, {}
+
+    return build_train_step(config, loss_fn, mesh,
+                            prepare_batch=lambda batch: np.asarray(batch, np.float32))
+
+
+def build_train_step(config, loss_fn: Callable, mesh: jax.sharding.Mesh, *,
+                     prepare_batch: Optional[Callable] = None):
+    """A jitted data-parallel step ``(state, batch, run_key) -> (state, metrics)`` for any
+    model: the optimizer of :func:`make_optimizer` and the EMA of :func:`ema_decay` (from
+    ``config``'s optimizer and EMA fields) around ``loss_fn``.
+
+    ``loss_fn(params, batch, key) -> (loss, aux)``: the scalar float32 loss of a batch
+    (any pytree whose leaves have the batch on their first axis) and a dict of extra
+    float32 scalar metrics; ``key`` = ``fold_in(run_key, state.step)``. ``metrics`` =
+    aux plus loss, grad_norm (before clipping), learning_rate and ema_decay of this
+    update. The batch is sharded over ``mesh`` along its first axis (every leaf), the
+    state replicated; ``prepare_batch`` turns a host batch into arrays first (default:
+    ``np.asarray`` of every leaf not already a jax.Array).
+    """
     tx = make_optimizer(config)
     lr_fn = learning_rate_schedule(config)
-    sqrt_alpha, sqrt_one_minus_alpha = _schedule_tables(config)
 
-    def step_fn(state: TrainState, batch: jax.Array, run_key: jax.Array):
+    def step_fn(state: TrainState, batch, run_key: jax.Array):
         key = jax.random.fold_in(run_key, state.step)
-        loss_fn = functools.partial(
-            diffusion_loss, x0=batch, key=key, net=net, sqrt_alpha=sqrt_alpha,
-            sqrt_one_minus_alpha=sqrt_one_minus_alpha, train=True,
-        )
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: loss_fn(p, batch, key), has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay(state.step, config.ema_decay, config.ema_warmup)
@@ -476,6 +562,7 @@ def _make_train_step(config: TrainConfig, mesh: jax.sharding.Mesh):
         )
         metrics = dict(
             loss=loss,
+            **aux,
             grad_norm=optax.tree.norm(grads),
             learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32),
             ema_decay=decay,
@@ -489,11 +576,18 @@ def _make_train_step(config: TrainConfig, mesh: jax.sharding.Mesh):
     jitted = jax.jit(step_fn, in_shardings=(replicated, batch_sharding, replicated),
                      out_shardings=(replicated, replicated))
 
+    def to_arrays(batch):
+        return jax.tree_util.tree_map(
+            lambda b: b if isinstance(b, jax.Array) else np.asarray(b), batch)
+
+    prepare = prepare_batch or to_arrays
+
     def call(state, batch, run_key):
-        batch = np.asarray(batch, np.float32) if not isinstance(batch, jax.Array) else batch
-        if batch.shape[0] % mesh.size:
-            raise ValueError(f"training.batch_size: {batch.shape[0]} is not a multiple of the"
-                             f" {mesh.size} devices")
+        batch = prepare(batch) if not isinstance(batch, jax.Array) else batch
+        for leaf in jax.tree_util.tree_leaves(batch):
+            if leaf.shape[0] % mesh.size:
+                raise ValueError(f"training.batch_size: {leaf.shape[0]} is not a multiple of the"
+                                 f" {mesh.size} devices")
         return jitted(state, jax.device_put(batch, batch_sharding), run_key)
 
     call.jitted = jitted
@@ -503,15 +597,19 @@ def _make_train_step(config: TrainConfig, mesh: jax.sharding.Mesh):
 
 @functools.lru_cache(maxsize=16)
 def _make_init(config: TrainConfig, mesh: jax.sharding.Mesh):
-    """The jitted :func:`init_train_state`, replicated over ``mesh``.
+    """The jitted :func:`init_train_state`, replicated over ``mesh``."""
+    return build_init(functools.partial(init_train_state, config), mesh)
+
+
+def build_init(init_fn: Callable[[jax.Array], TrainState], mesh: jax.sharding.Mesh):
+    """``init_fn`` (key -> step-0 :class:`TrainState`) jitted, replicated over ``mesh``.
 
     It draws with the classic (non-partitionable) threefry lowering: the initialisation
     is replicated, so the values do not depend on the device count either way, and XLA:CPU
     compiles the ~150 per-parameter draws in ~3 s instead of ~19 s (measured on the
-    2-core CPU machine for the smoke UNet).
+    2-core CPU machine for the smoke UNet). The returned function has ``.jitted``.
     """
-    jitted = jax.jit(functools.partial(init_train_state, config),
-                     out_shardings=NamedSharding(mesh, P()))
+    jitted = jax.jit(init_fn, out_shardings=NamedSharding(mesh, P()))
 
     def init(key):
         with jax.threefry_partitionable(False):
@@ -529,6 +627,11 @@ def initial_state(config: TrainConfig, mesh: Optional[jax.sharding.Mesh] = None)
 
     mesh = mesh if mesh is not None else data_mesh()
     return _make_init(config.step_signature(), mesh)(_keys(config.seed)[0])
+
+
+def init_key(config) -> jax.Array:
+    """The key :func:`initial_state` draws the run's parameters with (``config.seed``)."""
+    return _keys(config.seed)[0]
 
 
 def step_key(config: TrainConfig) -> jax.Array:
@@ -618,12 +721,14 @@ def open_checkpoints(directory: str, keep: int):
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def restore_or_init(manager, config: TrainConfig, mesh: jax.sharding.Mesh) -> TrainState:
+def restore_or_init(manager, config: TrainConfig, mesh: jax.sharding.Mesh,
+                    init: Optional[Callable] = None) -> TrainState:
     """The newest checkpoint in ``manager`` (restored replicated over ``mesh``), or a
-    fresh state from ``config.seed``."""
+    fresh state from ``config.seed``. ``init``: the run's init function (from
+    :func:`build_init`; default: this module's UNet state for a :class:`TrainConfig`)."""
     import orbax.checkpoint as ocp
 
-    init = _make_init(config.step_signature(), mesh)
+    init = init if init is not None else _make_init(config.step_signature(), mesh)
     init_key, _ = _keys(config.seed)
     latest = manager.latest_step()
     if latest is None:
@@ -639,18 +744,20 @@ def restore_or_init(manager, config: TrainConfig, mesh: jax.sharding.Mesh) -> Tr
     return state
 
 
-def _check_resumable(workdir: str, config: TrainConfig) -> None:
-    """Write ``config.json``, or check that an existing one describes the same run."""
+def _check_resumable(workdir: str, config, config_paths: Mapping[str, str] = _CONFIG_PATHS,
+                     resumable: frozenset = RESUMABLE_CHANGES) -> None:
+    """Write ``config.json``, or check that an existing one describes the same run (only
+    the fields in ``resumable`` may differ; ``num_steps`` not with the cosine schedule)."""
     path = os.path.join(workdir, CONFIG_FILE)
     current = config.to_json_dict()
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        changeable = set(RESUMABLE_CHANGES)
+        changeable = set(resumable)
         if config.lr_schedule == "cosine":
             changeable.discard("num_steps")
         differ = sorted(
-            _CONFIG_PATHS.get(k, k) for k in set(stored) | set(current)
+            config_paths.get(k, k) for k in set(stored) | set(current)
             if k not in changeable and stored.get(k) != current.get(k)
         )
         if differ:
@@ -668,6 +775,36 @@ def _check_finite(loss: float, step: int) -> None:
             f"the training loss is {loss} at step {step}; the last checkpoint before it is"
             " kept (lower optimizer.learning_rate, or check the data)"
         )
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(_is_int(d) for d in x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopParts:
+    """What :func:`fit_loop` needs of one kind of training run.
+
+    Attributes:
+      init: key -> step-0 :class:`TrainState`, replicated (from :func:`build_init`).
+      step: the jitted step ``(state, batch, run_key) -> (state, metrics)`` (from
+        :func:`build_train_step`).
+      metrics: a ``clu.metrics.Collection`` of averages over the step's metrics (it must
+        have ``loss``, ``grad_norm`` and ``learning_rate``).
+      batch_shapes: the expected shape (a tuple) of every batch leaf, as a pytree of the
+        batch's structure.
+      config_paths: config field -> its path in the ml_collections config (errors).
+      resumable_changes: the config fields a resumed run may change.
+      count_params: params -> number of parameters (for the log).
+    """
+
+    init: Callable
+    step: Callable
+    metrics: Any
+    batch_shapes: Any
+    config_paths: Mapping[str, str]
+    resumable_changes: frozenset
+    count_params: Callable = count_params
 
 
 def fit(
@@ -694,30 +831,63 @@ def fit(
       step, compile included), ``final_loss`` (mean of the last logging window) and
       ``last_metrics``.
     """
-    from tqdm.auto import tqdm
-
     from iec_jax.pipeline import data_mesh
 
-    start_time = time.time()
     mesh = mesh if mesh is not None else data_mesh()
+    signature = config.step_signature()
+    parts = LoopParts(
+        init=_make_init(signature, mesh),
+        step=_make_train_step(signature, mesh),
+        metrics=TrainMetrics,
+        batch_shapes=(config.batch_size,) + config.image_shape,
+        config_paths=_CONFIG_PATHS,
+        resumable_changes=RESUMABLE_CHANGES,
+    )
+    return fit_loop(config, workdir, parts,
+                    batches=batches or functools.partial(dataset_batches, config),
+                    mesh=mesh, progress=progress)
+
+
+def fit_loop(
+    config,
+    workdir: str,
+    parts: LoopParts,
+    *,
+    batches: Callable[[int], Iterator[Any]],
+    mesh: jax.sharding.Mesh,
+    progress: bool = True,
+) -> tuple[TrainState, dict]:
+    """The training loop every trainer of this project shares (see the module docstring):
+    resume from ``<workdir>/checkpoints`` (refusing a workdir whose ``config.json``
+    differs outside ``parts.resumable_changes``), run ``parts.step`` on ``batches(start)``
+    to ``config.num_steps``, log ``metrics.jsonl`` / TensorBoard every
+    ``config.log_every`` steps, checkpoint every ``config.checkpoint_every`` steps and at
+    the end. ``config`` has the fields :func:`validate_common_fields` checks and
+    ``to_json_dict()``. Returns ``(state, summary)`` as :func:`fit`.
+    """
+    from tqdm.auto import tqdm
+
+    start_time = time.time()
     if config.batch_size % mesh.size:
-        _fail("batch_size", f"{config.batch_size} is not a multiple of the {mesh.size} devices")
+        fail_path = parts.config_paths.get("batch_size", "batch_size")
+        raise ValueError(f"{fail_path}: {config.batch_size} is not a multiple of the {mesh.size} devices")
     os.makedirs(workdir, exist_ok=True)
     bar = writer = None
     manager = open_checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
     try:
         latest = manager.latest_step()
         if latest is not None and latest > config.num_steps:
-            _fail("num_steps", f"{config.num_steps} < step {latest} of the newest checkpoint in"
-                  f" {workdir}")
-        _check_resumable(workdir, config)
-        state = restore_or_init(manager, config, mesh)
+            fail_path = parts.config_paths.get("num_steps", "num_steps")
+            raise ValueError(f"{fail_path}: {config.num_steps} < step {latest} of the newest"
+                             f" checkpoint in {workdir}")
+        _check_resumable(workdir, config, parts.config_paths, parts.resumable_changes)
+        state = restore_or_init(manager, config, mesh, parts.init)
         start_step = int(state.step)
         if start_step:
             logging.info("Resuming %s from step %d", workdir, start_step)
         else:
             logging.info("Training %s from scratch: %d parameters", workdir,
-                         count_params(state.params))
+                         parts.count_params(state.params))
         overview = parameter_overview.get_parameter_overview(jax.device_get(state.params),
                                                              include_stats=False)
         print(overview, flush=True)
@@ -727,10 +897,10 @@ def fit(
                                   if isinstance(v, (int, float, str, bool))})
         metrics_path = os.path.join(workdir, METRICS_FILE)
         history = _truncate_metrics(metrics_path, start_step)
-        step_fn = make_train_step(config, mesh)
+        step_fn = parts.step
         key = step_key(config)
-        stream = (batches or functools.partial(dataset_batches, config))(start_step)
-        window = TrainMetrics.empty()
+        stream = batches(start_step)
+        window = parts.metrics.empty()
         last = history[-1] if history else None
         final_loss = last["loss"] if last else None
         bar = tqdm(total=config.num_steps, initial=start_step, unit="step", desc="train",
@@ -738,16 +908,19 @@ def fit(
         train_start = window_start = time.time()
         pending = None
         step = start_step
+        expected = jax.tree_util.tree_leaves(parts.batch_shapes, is_leaf=_is_shape)
         while step < config.num_steps:
             batch = next(stream)
-            expected = (config.batch_size,) + config.image_shape
-            if tuple(batch.shape) != expected:
-                raise ValueError(f"batch {step} has shape {tuple(batch.shape)}, expected {expected}")
+            got = [tuple(np.shape(b)) for b in jax.tree_util.tree_leaves(batch)]
+            if got != [tuple(e) for e in expected]:
+                shown = got[0] if len(got) == 1 else got
+                want = tuple(expected[0]) if len(expected) == 1 else [tuple(e) for e in expected]
+                raise ValueError(f"batch {step} has shape {shown}, expected {want}")
             state, metrics = step_fn(state, batch, key)
             if pending is not None:  # keep one step in flight: bounded host queue
                 jax.block_until_ready(pending)
             pending = metrics["loss"]
-            window = window.merge(TrainMetrics.single_from_model_output(**metrics))
+            window = window.merge(parts.metrics.single_from_model_output(**metrics))
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == config.num_steps:
@@ -766,7 +939,7 @@ def fit(
                              row["steps_per_s"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 final_loss, last = values["loss"], row
-                window = TrainMetrics.empty()
+                window = parts.metrics.empty()
                 window_start = time.time()
                 _check_finite(values["loss"], step)
             if step % config.checkpoint_every == 0 or step == config.num_steps:

@@ -6,6 +6,7 @@
 
     data.prepare("fashion_mnist", data_dir=DIR)      # once; offline from local IDX files
     images = data.load_images("fashion_mnist", "test", data_dir=DIR)   # uint8 (N, 28, 28, 1)
+    labels = data.load_labels("fashion_mnist", "test", data_dir=DIR)   # int32 (N,), 0..9
     stream = data.batches("fashion_mnist", "train", 512, seed=0, data_dir=DIR)
     x = next(stream)                                  # float32 (512, 32, 32, 1) in [-1, 1]
 
@@ -17,11 +18,13 @@ from iec_jax.data.fashion_mnist import IdxFormatError, IecFashionMnist
 from iec_jax.data.loader import (
     DATASET_NAMES,
     DatasetSpec,
+    batch_flips,
     batch_indices,
     batches,
     center_crop_resize,
     dataset_spec,
     load_images,
+    load_labels,
     prepare,
     split_size,
     steps_per_epoch,
@@ -32,11 +35,13 @@ __all__ = [
     "DatasetSpec",
     "IdxFormatError",
     "IecFashionMnist",
+    "batch_flips",
     "batch_indices",
     "batches",
     "center_crop_resize",
     "dataset_spec",
     "load_images",
+    "load_labels",
     "prepare",
     "split_size",
     "steps_per_epoch",

@@ -49,11 +49,13 @@ from iec_jax.data import fashion_mnist  # Registers the iec_fashion_mnist builde
 __all__ = [
     "DATASET_NAMES",
     "DatasetSpec",
+    "batch_flips",
     "batch_indices",
     "batches",
     "center_crop_resize",
     "dataset_spec",
     "load_images",
+    "load_labels",
     "prepare",
     "split_size",
     "steps_per_epoch",
@@ -276,6 +278,30 @@ def load_images(
     return _read(source, np.arange(n), resolution)
 
 
+def load_labels(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    max_examples: int | None = None,
+) -> np.ndarray:
+    """A split's class labels, in stored order (the order of :func:`load_images`), as
+    int32 (N,): Fashion-MNIST and CIFAR-10 0..9. ValueError for a dataset without labels
+    (LSUN)."""
+    spec = dataset_spec(name)
+    source = _data_source(spec, split, data_dir)
+    n = len(source)
+    if max_examples is not None:
+        _check_int(max_examples, "max_examples", 0)
+        n = min(n, max_examples)
+    if n == 0:
+        return np.zeros((0,), np.int32)
+    examples = source.__getitems__(list(range(n)))
+    if "label" not in examples[0]:
+        raise ValueError(f"{name} has no class labels")
+    return np.asarray([int(np.asarray(e["label"])) for e in examples], np.int32)
+
+
 def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
     """Batches per epoch: floor(n / B) when dropping the remainder, else ceil(n / B)."""
     if drop_remainder:
@@ -319,6 +345,28 @@ def batch_indices(
     epoch, position = divmod(step, spe)
     order = _epoch_order(num_examples, seed, epoch, shuffle)
     return order[position * batch_size : (position + 1) * batch_size]
+
+
+def batch_flips(
+    num_examples: int,
+    batch_size: int,
+    step: int,
+    *,
+    seed: int,
+    drop_remainder: bool = True,
+) -> np.ndarray:
+    """Which examples of the batch at global ``step`` :func:`batches` mirrors (with
+    ``flip=True``): a bool array aligned with :func:`batch_indices` (the rule in the
+    module doc), for streams that keep the images in another form (e.g. latents of both
+    orientations)."""
+    _check_int(seed, "seed", 0)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(step, "step", 0)
+    spe = steps_per_epoch(num_examples, batch_size, drop_remainder)
+    if spe == 0:
+        raise ValueError(f"{num_examples} examples make no batch of {batch_size}")
+    epoch, position = divmod(step, spe)
+    return _epoch_flips(num_examples, seed, epoch)[position * batch_size : (position + 1) * batch_size]
 
 
 def _pad_width(image_size: int, pad_to: int) -> int:

@@ -180,7 +180,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, Path]
-SETTINGS = ("lsun_bedroom", "lsun_church", "imagenet", "sd")
+SETTINGS = ("lsun_bedroom", "lsun_church", "imagenet", "sd", "fmnist_ldm")
 LAYOUTS = ("diffusers_pipeline", "compvis")
 LATENT_MODEL_FILE = "latent_model.json"
 LATENT_FORMAT = "iec_jax.latent_model"
@@ -349,6 +349,9 @@ class SettingSpec:
     unet_num_attention_heads: Optional[int] = None
 
     def unet_config(self):
+        if self.name == "fmnist_ldm":
+            raise ValueError("fmnist_ldm has no fixed architecture (the project trains it:"
+                             " configs/fmnist_ldm); load it from its saved folder")
         return {
             "lsun_bedroom": UNetConfig.ldm_lsun_bedroom,
             "lsun_church": UNetConfig.ldm_lsun_church,
@@ -367,6 +370,10 @@ SETTING_SPECS: Mapping[str, SettingSpec] = {
     "lsun_church": SettingSpec("lsun_church", LatentSchedule(0.0015, 0.0155), "none", UNetConfig, "kl", None, 8),
     "imagenet": SettingSpec("imagenet", LatentSchedule(0.0015, 0.0195), "class", UNetConditionConfig, "vq", 1.0),
     "sd": SettingSpec("sd", LatentSchedule(0.00085, 0.012), "text", UNetConditionConfig, "kl", SD_V1_SCALING_FACTOR),
+    # The project's own class-conditional latent Fashion-MNIST model (configs/fmnist_ldm):
+    # the cin256 design with a KL-f4 autoencoder whose scale factor was fitted in training.
+    "fmnist_ldm": SettingSpec("fmnist_ldm", LatentSchedule(0.0015, 0.0195), "class",
+                              UNetConditionConfig, "kl", None),
 }
 
 
