@@ -63,6 +63,7 @@ TABLE_ROW_DEFAULTS = dict(
     baseline="",  # the row this one is compared with (relative FID gain)
     paper_fid="",  # the paper's number for the matching CIFAR-10 cell
     paper_gain=0.0,  # the paper's relative FID gain for this row (0: none quoted)
+    first_k=0,  # for iec_steps="first": the number of first steps corrected (SD: 1)
 )
 
 
@@ -143,3 +144,27 @@ def latent_smoke(c) -> None:
     c.model.source = "smoke"
     c.num_samples, c.batch_size, c.shard_size, c.grid_size = 8, 4, 8, 8
     c.sampler.num_steps = min(c.sampler.num_steps, 5)
+
+
+def latent_table_config(setting: str, *, source: str, method: str, num_steps: int,
+                        scale: float = 1.0) -> ml_collections.ConfigDict:
+    """A paper-table job on a latent model (``experiments.reproduce``): the setting fixes
+    architecture, schedule and conditioning; DeepCache at the shallowest branch (the
+    feature entering up_blocks[-1].resnets[-1]); calibration as the official LDM scripts
+    (per step 64 / 32 samples at full / cached steps, here from 256 FP trajectories);
+    FID against an evaluator reference batch (``eval.reference_batch``, arr_0 uint8 NHWC:
+    the user's) or a TFDS split. The table configs add ``rows``."""
+    c = table_config("", model_name=setting, spacing="ldm", seed=1243)
+    del c["schedule"]  # the setting's own (scaled-linear β, T = 1000, ending at ᾱ_0)
+    c.model = ml_collections.ConfigDict(dict(source=source, setting=setting, tokenizer="",
+                                             name=setting))
+    c.sampler = ml_collections.ConfigDict(dict(method=method, num_steps=num_steps,
+                                               spacing="ldm", eta=0.0))
+    c.guidance = ml_collections.ConfigDict(dict(scale=scale, classes=placeholder(tuple),
+                                                per_class=1, prompts_file=""))
+    c.cache_point = (3, 2)  # up_blocks[-1].resnets[-1] of four levels, two resnets each
+    c.num_samples, c.batch_size, c.shard_size = 50_000, 50, 5_000
+    c.calibration.update(dict(num_samples=256, batch_size=32))
+    c.eval.update(dict(dataset="fashion_mnist", split="test", crop=None,
+                       inception_batch_size=50, frechet_method="sqrtm", reference_batch=""))
+    return c

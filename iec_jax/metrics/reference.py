@@ -27,6 +27,7 @@ from iec_jax import pipeline
 from iec_jax.io import write_npz
 
 __all__ = ["cache_root", "center_crop", "reference_features", "reference_features_from_images",
+           "reference_features_from_batch",
            "FeatureShards", "frechet_distances", "compute_metrics"]
 
 
@@ -99,12 +100,34 @@ def reference_features_from_images(images: np.ndarray, dataset: str, split: str,
     return arrays
 
 
+def reference_features_from_batch(path: str, *, batch_size: int = 64, cache_dir: Optional[str] = None,
+                                  progress: bool = True) -> dict[str, np.ndarray]:
+    """:func:`reference_features` of an evaluator reference batch (``.npz`` with ``arr_0``,
+    NHWC uint8, as the guided-diffusion evaluator's), cached under its name and digest."""
+    from iec_jax.io import file_digest
+
+    name = f"batch_{Path(path).stem}_{file_digest(path, 'sha256')[:12]}"
+    cached = _reference_path(name, "all", cache_dir)
+    if cached.exists():
+        with np.load(cached) as f:
+            return {k: f[k] for k in f.files}
+    with np.load(path) as f:
+        if "arr_0" not in f.files:
+            raise ValueError(f"{path} is not a reference batch (no arr_0)")
+        images = f["arr_0"]
+    return reference_features_from_images(images, name, "all", batch_size=batch_size,
+                                          cache_dir=cache_dir, progress=progress)
+
+
 class FeatureShards:
     """Per-shard Inception features next to the sample shards."""
 
-    def __init__(self, directory: str, samples: pipeline.SampleShards):
+    def __init__(self, directory: str, samples: pipeline.SampleShards, decode=None):
+        """``decode``: maps float samples to images in [-1, 1] first (latent samples
+        through their autoencoder); None: the samples are images."""
         self.directory = directory
         self.samples = samples
+        self.decode = decode
 
     def path(self, k: int) -> str:
         return os.path.join(self.directory, f"features_{k:05d}.npz")
@@ -118,7 +141,7 @@ class FeatureShards:
         with np.load(self.samples.path(k)) as f:
             images, idx = f["arr_0"], f["indices"]
         if images.dtype != np.uint8:
-            images = pipeline.to_uint8(images)
+            images = pipeline.to_uint8(self.decode(images) if self.decode else images)
         feats = _features(center_crop(images, crop), batch_size)
         write_npz(self.path(k), indices=idx, **feats)
 

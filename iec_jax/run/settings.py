@@ -207,12 +207,25 @@ class EvalSettings:
     crop: Optional[int] = None
     inception_batch_size: int = 64
     frechet_method: str = "sqrtm"
+    reference_batch: str = ""  # an evaluator .npz (arr_0 uint8 NHWC) instead of dataset/split
 
     def metrics_dict(self) -> dict:
         """What the metrics depend on (the Inception batch size only batches them)."""
         d = dataclasses.asdict(self)
         del d["inception_batch_size"]
+        if not d["reference_batch"]:  # tables evaluated against a dataset keep their keys
+            del d["reference_batch"]
         return d
+
+    def reference(self) -> dict:
+        """The reference features and statistics (cached)."""
+        from iec_jax.metrics import reference as ref
+
+        if self.reference_batch:
+            return ref.reference_features_from_batch(self.reference_batch,
+                                                     batch_size=self.inception_batch_size)
+        return ref.reference_features(self.dataset, self.split, data_dir=self.data_dir,
+                                      batch_size=self.inception_batch_size)
 
 
 def eval_settings(cfg, field: str = "eval") -> EvalSettings:
@@ -226,8 +239,11 @@ def eval_settings(cfg, field: str = "eval") -> EvalSettings:
                       pattern=r"^[a-z]+(\[[0-9:%-]*\])?$")
     crop = cfg.get("crop")
     crop = None if crop in (None, 0) else check_int(crop, f"{field}.crop", 1)
+    batch = cfg.get("reference_batch", "") or ""
+    if batch and not os.path.isfile(os.path.expanduser(batch)):
+        raise ConfigError(f"{field}.reference_batch", "must be an existing .npz reference batch", batch)
     return EvalSettings(
-        dataset=dataset, split=split,
+        reference_batch=batch, dataset=dataset, split=split,
         data_dir=_optional_path(cfg.get("data_dir"), f"{field}.data_dir"), crop=crop,
         inception_batch_size=check_int(cfg.get("inception_batch_size", 64),
                                        f"{field}.inception_batch_size", 1),

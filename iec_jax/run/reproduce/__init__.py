@@ -34,7 +34,7 @@ import numpy as np
 
 from iec_jax import distributed
 from iec_jax.io import file_digest, write_json
-from iec_jax.metrics.reference import compute_metrics, reference_features
+from iec_jax.metrics.reference import compute_metrics
 from iec_jax.run.reproduce.interim import interim
 from iec_jax.run.reproduce.output import fmt, plots, write_outputs
 from iec_jax.run.reproduce.sampling import (Progress, Table, complete_features, float_shards,
@@ -49,8 +49,7 @@ __all__ = ["RowSpec", "TableSettings", "table_settings", "run", "calibrate", "in
 
 
 def _reference(s: TableSettings) -> dict:
-    return reference_features(s.eval.dataset, s.eval.split, data_dir=s.eval.data_dir,
-                              batch_size=s.eval.inception_batch_size)
+    return s.eval.reference()
 
 
 def _main_first(name: str, fn):
@@ -98,11 +97,17 @@ def run(config, workdir: str) -> list[dict]:
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, f"{s.table}_config.json"), dict(s.raw))
     table = Table(s, workdir)
+    ctx_shape, passes = None, 1
+    if table.latent and table.cond.kind != "none":
+        c, _ = table.cond.contexts(table.model, table.all_params, np.arange(1))
+        ctx_shape, passes = tuple(c.shape[1:]), (2 if s.guidance["scale"] != 1.0 else 1)
+    key = dict(model=table.model_key, cache_point=list(s.cache_point), count="lowered HLO")
+    if passes != 1:
+        key["passes"] = passes
     fl = _main_first("flops", lambda: cached(
-        os.path.join(workdir, "flops.json"),
-        dict(model=table.model_key, cache_point=list(s.cache_point), count="lowered HLO"),
+        os.path.join(workdir, "flops.json"), key,
         lambda: flops(table.unet_config, table.params, table.shape, s.cache_point,
-                      s.model.dtype)))
+                      table.model_key["dtype"], context_shape=ctx_shape, passes=passes)))
     refstats = _main_first("reference", lambda: _reference(s))
     mkey = metrics_key(s, int(refstats["num"]))
     refdir = os.path.join(workdir, "rows", s.reference.slug)

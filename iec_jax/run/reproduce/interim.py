@@ -7,7 +7,7 @@ import os
 import time
 
 from iec_jax.io import write_json, write_text
-from iec_jax.metrics.reference import FeatureShards, frechet_distances, reference_features
+from iec_jax.metrics.reference import FeatureShards, frechet_distances
 from iec_jax.run.reproduce.output import fmt, pct
 from iec_jax.run.reproduce.sampling import Progress, Table, float_shards, say
 from iec_jax.run.reproduce.scores import mean_l2, paired_bootstrap_gain
@@ -37,8 +37,7 @@ def interim(config, workdir: str) -> list[dict]:
         raise ValueError("no selected row has a baseline: select one with --config.only"
                          f" (rows with a baseline: {[r.name for r in all_rows.values() if r.baseline]})")
     table = Table(s, workdir)
-    refstats = reference_features(s.eval.dataset, s.eval.split, data_dir=s.eval.data_dir,
-                                  batch_size=s.eval.inception_batch_size)
+    refstats = s.eval.reference()
     replicates = int(s.bootstrap or 50)
     results = []
     for row, base in pairs:
@@ -56,7 +55,8 @@ def interim(config, workdir: str) -> list[dict]:
         t0 = time.time()
         feats = []
         for d, sh in zip(dirs, shards):
-            fs = FeatureShards(os.path.join(d, "features"), sh)
+            fs = FeatureShards(os.path.join(d, "features"), sh,
+                               decode=table.decode if table.latent else None)
             for k in sorted(set(fs.missing()) & set(common)):
                 fs.compute(k, s.eval.crop, s.eval.inception_batch_size)
             feats.append(fs.load(only=common))

@@ -66,7 +66,7 @@ def write_outputs(workdir: str, s: TableSettings, results: list[dict], left_out=
                     "gain", "paper_fid", "paper_gain")]
                    + ([r.get("fid_inf"), r.get("gain_inf")] if inf else []) + [r.get("gain_ci95")])
     lines += ["", "gain = (FID_baseline − FID_row) / FID_baseline; paper gain = the same for"
-              " the paper's CIFAR-10 cells" + (
+              " the paper's cells" + (
                   f"; [a, b] = 95% paired-bootstrap interval ({s.bootstrap} replicates) of"
                   " FID_baseline − FID_row, divided by FID_baseline"
                   if s.bootstrap else "") +

@@ -93,35 +93,105 @@ class Progress:
         return self.data[key] / n if n else None
 
 
+def _latent_fingerprint(model) -> str:
+    """A latent model's content fingerprint: its components' and its scaling factor."""
+    import hashlib
+
+    h = hashlib.sha256(f"{model.setting}|{float(model.scaling_factor)!r}".encode())
+    for name, c in model.components().items():
+        h.update(f"{name}:{model_fingerprint(c.config, c.params)}".encode())
+    return h.hexdigest()
+
+
 class Table:
-    """Everything one table run needs: the model, the schedule and the methods."""
+    """Everything one table run needs: the model, the schedule and the methods. A latent
+    table (``model.setting``) samples latents with its conditioning and guidance, calibrates
+    with the same contexts, and decodes for the Inception features."""
 
     def __init__(self, s: TableSettings, workdir: str):
         from iec_jax.efficient import methods
 
         self.s = s
         self.workdir = workdir
-        self.unet_config, self.params = s.model.load()
+        self.latent = s.latent
+        family = contexts = None
+        if self.latent:
+            from iec_jax import latent as L
+            from iec_jax.run.settings import ConfigError
+
+            self.model = s.model.load()
+            self.unet_config, self.params = self.model.unet
+            fingerprint = _latent_fingerprint(self.model)
+            self.schedule = self.model.schedule.noise_schedule()
+            self.shape = L.latent_shape(self.model)
+            g = s.guidance
+            try:
+                self.cond = L.Conditioning.for_model(self.model, classes=g["classes"],
+                                                     per_class=g["per_class"], prompts=g["prompts"])
+            except ValueError as e:
+                raise ConfigError("guidance", str(e)) from None
+            self.all_params = L.model_params(self.model)
+            family = "ldm"
+            if self.cond.kind != "none":
+                n = s.calibration.num_samples
+                c, u = self.cond.contexts(self.model, self.all_params, np.arange(n))
+                guided = g["scale"] != 1.0
+                contexts = methods.CalibrationContexts(
+                    np.asarray(c), np.asarray(u) if guided else None,
+                    g["scale"] if guided else None, method=s.method)
+            self._decode = L.decoder(self.model)
+        else:
+            self.unet_config, self.params = s.model.load()
+            fingerprint = model_fingerprint(self.unet_config, self.params)
+            self.schedule = s.schedule.build()
+            self.shape = (self.unet_config.sample_size, self.unet_config.sample_size,
+                          self.unet_config.in_channels)
         # Results are keyed by the model's content, not by where the checkpoint lies.
-        self.model_key = dict(name=s.model.name, dtype=s.model.dtype,
-                              fingerprint=model_fingerprint(self.unet_config, self.params))
-        self.schedule = s.schedule.build()
-        self.shape = (self.unet_config.sample_size, self.unet_config.sample_size,
-                      self.unet_config.in_channels)
+        self.model_key = dict(name=s.model.name, dtype=getattr(s.model, "dtype", "float32"),
+                              fingerprint=fingerprint)
         self.methods = methods.MethodBuilder(
             self.unet_config, self.params, schedule=self.schedule, shape=self.shape,
-            cache_point=s.cache_point, model_name=s.model.name, dtype=s.model.dtype,
-            calibration=s.calibration, artifact_dir=os.path.join(workdir, "artifacts"),
-            spacing=s.sampler.spacing, fingerprint=self.model_key["fingerprint"])
+            cache_point=s.cache_point, model_name=s.model.name or s.model.setting,
+            dtype=self.model_key["dtype"], calibration=s.calibration,
+            artifact_dir=os.path.join(workdir, "artifacts"), spacing=s.sampler.spacing,
+            fingerprint=fingerprint, family=family, contexts=contexts)
 
     def timesteps(self, row: RowSpec) -> np.ndarray:
         return self.s.sampler.timesteps(self.schedule, self.s.num_steps(row))
 
     def denoiser(self, row: RowSpec):
-        """``(factory: params -> Denoiser, params pytree)`` of the row's efficient model."""
-        return self.methods.build(
+        """``(factory, params pytree)`` of the row's efficient model: ``factory(params)``
+        returns the Denoiser, or, for a latent table, ``factory(params, indices)`` (the
+        batch's conditioning; with guidance every evaluation is one 2B pass)."""
+        factory, fparams = self.methods.build(
             num_steps=self.s.num_steps(row), bits=parse_bits(row.quant),
             cache_interval=row.cache_interval, cache_schedule=row.cache_schedule, dec=row.dec)
+        if not self.latent:
+            return factory, fparams
+        from iec_jax.denoisers import StatefulDenoiser, guided_denoiser
+
+        model, cond, scale = self.model, self.cond, float(self.s.guidance["scale"])
+
+        def latent_factory(p, indices):
+            inner = factory(p["method"])
+            if cond.kind == "none":
+                return inner
+            c, u = cond.contexts(model, p["model"], indices)
+            if scale != 1.0:
+                return guided_denoiser(inner, c, u, scale)
+            return StatefulDenoiser(lambda x, t, step, st: inner(x, t, step, st, c),
+                                    inner.init_state, inner.select_state,
+                                    inner.full_pass_mask)  # the conditional model alone
+
+        return latent_factory, dict(method=fparams, model=self.all_params)
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """Samples in [-1, 1] image space: latents decoded in chunks (a latent table), or
+        the samples themselves."""
+        if not self.latent:
+            return x
+        out = [np.asarray(self._decode(self.all_params, x[i:i + 16])) for i in range(0, len(x), 16)]
+        return np.concatenate(out)
 
     def row_meta(self, row: RowSpec) -> dict:
         return row_meta(self.s, self.model_key, row)
@@ -132,8 +202,8 @@ def float_shards(rowdir: str, s: TableSettings) -> pipeline.SampleShards:
                                  np.float32)
 
 
-def feature_shards(rowdir: str, s: TableSettings) -> FeatureShards:
-    return FeatureShards(os.path.join(rowdir, "features"), float_shards(rowdir, s))
+def feature_shards(rowdir: str, s: TableSettings, decode=None) -> FeatureShards:
+    return FeatureShards(os.path.join(rowdir, "features"), float_shards(rowdir, s), decode=decode)
 
 
 def complete_features(rowdir: str, s: TableSettings) -> Optional[dict]:
@@ -149,11 +219,13 @@ def _trajectory(table: Table, row: RowSpec, factory, fparams, n: int) -> np.ndar
     ts = table.timesteps(row)
 
     def run(p):
-        keys = pipeline.per_sample_keys(base, jnp.arange(n, dtype=jnp.uint32))
+        indices = jnp.arange(n, dtype=jnp.uint32)
+        keys = pipeline.per_sample_keys(base, indices)
         x_T, skeys = pipeline.initial_noise(keys, table.shape)
-        _, info = iec_jax.sample(factory(p), x_T, skeys, schedule=table.schedule, timesteps=ts,
+        den = factory(p, indices) if table.latent else factory(p)
+        _, info = iec_jax.sample(den, x_T, skeys, schedule=table.schedule, timesteps=ts,
                                  eta=table.s.sampler.eta, iec=row.iec_config(),
-                                 return_trajectory=True)
+                                 method=table.s.method, return_trajectory=True)
         return info["trajectory"]
 
     return np.asarray(jax.jit(run)(fparams))
@@ -177,7 +249,8 @@ def run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
     say(f"{row.name}: model built (calibrated where its artifacts were missing)", t0)
     batch_fn = pipeline.make_batch_sampler(
         factory, params=fparams, schedule=table.schedule, timesteps=table.timesteps(row),
-        shape=table.shape, seed=s.seed, eta=s.sampler.eta, iec=row.iec_config())
+        shape=table.shape, seed=s.seed, eta=s.sampler.eta, iec=row.iec_config(),
+        method=s.method, pass_indices=table.latent)
     shards = float_shards(rowdir, s)
     name = "progress.json" if nproc == 1 else f"progress.p{distributed.index()}.json"
     progress = Progress(os.path.join(rowdir, name))
@@ -209,7 +282,7 @@ def run_row(table: Table, row: RowSpec, rowdir: str, started: float) -> dict:
         write_npz(traj_path, trajectory=traj, timesteps=table.timesteps(row))
         say(f"{row.name}: trajectory of {s.trajectory_samples} samples", t0)
 
-    features = feature_shards(rowdir, s)
+    features = feature_shards(rowdir, s, decode=table.decode if table.latent else None)
     t0 = time.time()
     todo = [k for k in features.missing() if k in mine]
     for k in tqdm(todo, desc=f"features {row.name}", unit="shard"):

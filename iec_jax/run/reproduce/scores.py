@@ -28,16 +28,21 @@ def metrics_key(s: TableSettings, reference_num: int) -> dict:
                 num_samples=s.num_samples)
 
 
-def flops(unet_config, params, shape, cache_point, dtype: str) -> dict[str, float]:
-    """FLOPs of one float full pass and one partial (cached) pass for one sample."""
-    from iec_jax.models import UNet, cached_feature_shape
-    from iec_jax.models.loading import DTYPES
+def flops(unet_config, params, shape, cache_point, dtype: str, *, context_shape=None,
+          passes: int = 1) -> dict[str, float]:
+    """FLOPs of one float full pass and one partial (cached) pass for one sample
+    (``context_shape``: (tokens, dim) of a conditional UNet's context; ``passes``: network
+    passes per evaluation, 2 under classifier-free guidance)."""
+    from iec_jax.models import cached_feature_shape
+    from iec_jax.models.loading import DTYPES, module_for
 
-    net = UNet(unet_config, dtype=DTYPES[dtype])
+    net = module_for(unet_config, DTYPES[dtype])
     x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     f = jax.ShapeDtypeStruct(cached_feature_shape(unet_config, cache_point, (1,) + tuple(shape)),
                              jnp.float32)
+    ctx = () if context_shape is None else (
+        jax.ShapeDtypeStruct((1,) + tuple(context_shape), jnp.float32),)
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype),
                                       params)
 
@@ -54,10 +59,11 @@ def flops(unet_config, params, shape, cache_point, dtype: str) -> dict[str, floa
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return float(ca.get("flops", float("nan"))) if ca else float("nan")
 
-    full = cost(lambda p, x, t: net.apply({"params": p}, x, t), x, t)
-    partial = cost(lambda p, x, t, f: net.apply({"params": p}, x, t, cache_point=cache_point,
-                                                cached_feature=f), x, t, f)
-    return dict(full=full, partial=partial)
+    full = cost(lambda p, x, t, *c: net.apply({"params": p}, x, t, *c), x, t, *ctx)
+    partial = cost(lambda p, x, t, f, *c: net.apply({"params": p}, x, t, *c,
+                                                    cache_point=cache_point, cached_feature=f),
+                   x, t, f, *ctx)
+    return dict(full=passes * full, partial=passes * partial)
 
 
 def paired_bootstrap_gain(feats_base: np.ndarray, feats_row: np.ndarray, ref: dict, *,

@@ -22,10 +22,10 @@ from typing import Any, Mapping, Optional
 import iec_jax
 from iec_jax.efficient.methods import CalibrationConfig
 from iec_jax.io import write_json
-from iec_jax.run.settings import (ConfigError, EvalSettings, ModelSettings, SamplerSettings,
-                                  ScheduleSettings, check_int, check_real,
-                                  check_str, eval_settings, model_settings, sampler_settings,
-                                  schedule_settings, sizes)
+from iec_jax.run.settings import (ConfigError, EvalSettings, LatentModelSettings, ModelSettings,
+                                  SamplerSettings, ScheduleSettings, check_choice, check_int,
+                                  check_real, check_str, eval_settings, latent_model_settings,
+                                  model_settings, sampler_settings, schedule_settings, sizes)
 
 __all__ = ["RowSpec", "TableSettings", "table_settings", "parse_bits", "row_slug",
            "ROW_LABELS", "batch_dependent", "row_meta", "normalize", "check_row_dir",
@@ -67,6 +67,7 @@ class RowSpec:
     baseline: str = ""
     paper_fid: str = ""
     paper_gain: float = 0.0
+    first_k: int = 0  # iec_steps="first": IEC at the first first_k steps (SD: 1)
 
     @classmethod
     def from_dict(cls, d) -> "RowSpec":
@@ -99,10 +100,13 @@ class RowSpec:
             fail("iec", f"must be 'none' or one of {tuple(iec_jax.iec.PRESETS)}, got {self.iec!r}")
         if self.iec == "none" and (self.iec_steps or self.step_sizes or self.fraction):
             fail("iec", "is 'none' but IEC options are set")
-        if self.iec_steps not in ("", "all", "full_compute", "head_tail"):
-            fail("iec_steps", f"must be '', all, full_compute or head_tail, got {self.iec_steps!r}")
+        if self.iec_steps not in ("", "all", "full_compute", "head_tail", "first"):
+            fail("iec_steps", "must be '', all, full_compute, head_tail or first, got"
+                 f" {self.iec_steps!r}")
         if (self.iec_steps == "head_tail") != (self.fraction > 0):
             fail("fraction", "must be > 0 exactly when iec_steps='head_tail'")
+        if (self.iec_steps == "first") != (self.first_k > 0):
+            fail("first_k", "must be > 0 exactly when iec_steps='first'")
         if self.iec != "none":
             self.iec_config()  # the IEC options themselves (step sizes, fraction) are valid
 
@@ -118,6 +122,8 @@ class RowSpec:
         over["steps"] = steps
         if steps == "head_tail":
             over["fraction"] = self.fraction
+        if steps == "first":
+            over["first_k"] = self.first_k
         if self.step_sizes:
             over["step_sizes"] = self.step_sizes
         return iec_jax.IECConfig.preset(self.iec, **over)
@@ -160,6 +166,13 @@ class TableSettings:
     rows: tuple  # every row of the table (RowSpec)
     selected: tuple  # the rows this run computes (--config.only), FP first
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    # Latent models (model.setting): the sampler method and the conditioning.
+    method: str = "ddim"
+    guidance: Optional[Mapping[str, Any]] = None  # scale, classes, per_class, prompts
+
+    @property
+    def latent(self) -> bool:
+        return isinstance(self.model, LatentModelSettings)
 
     @property
     def reference(self) -> RowSpec:
@@ -202,8 +215,23 @@ def table_settings(cfg) -> TableSettings:
     from iec_jax.models.unet import CachePoint
 
     seed, n, b, shard = sizes(cfg)
-    schedule = schedule_settings(cfg.schedule)
+    latent = "setting" in cfg.model
+    method, guidance = "ddim", None
+    if latent:
+        model = latent_model_settings(cfg.model)
+        from iec_jax.models.ldm import SETTING_SPECS
+
+        sch = SETTING_SPECS[model.setting].schedule
+        schedule = ScheduleSettings("scaled_linear", sch.beta_start, sch.beta_end,
+                                    sch.num_train_timesteps, "first")
+        method = check_choice(cfg.sampler.get("method", "ddim"), "sampler.method", ("ddim", "plms"))
+        guidance = _guidance(cfg, SETTING_SPECS[model.setting].conditioning)
+    else:
+        model = model_settings(cfg.model)
+        schedule = schedule_settings(cfg.schedule)
     sampler = sampler_settings(cfg.sampler, schedule)
+    if method == "plms" and sampler.eta:
+        raise ConfigError("sampler.eta", "must be 0 with PLMS", sampler.eta)
     rows = _rows(cfg)
     names = [r.name for r in rows]
     ref = cfg.get("reference_row", "FP")
@@ -250,8 +278,8 @@ def table_settings(cfg) -> TableSettings:
         raise ConfigError("bootstrap", "must be 0 (off) or >= 2 replicates", boot)
     return TableSettings(
         name=check_str(cfg.get("name", "") or table, "name"), table=table, seed=seed,
-        num_samples=n, batch_size=b, shard_size=shard, model=model_settings(cfg.model),
-        schedule=schedule, sampler=sampler, cache_point=cp,
+        num_samples=n, batch_size=b, shard_size=shard, model=model,
+        schedule=schedule, sampler=sampler, cache_point=cp, method=method, guidance=guidance,
         trajectory_samples=check_int(cfg.get("trajectory_samples", 0), "trajectory_samples", 0, n),
         reference_row=ref, bootstrap=boot,
         fid_infinity=points, time_budget_s=budget, calibration=calibration,
@@ -259,15 +287,46 @@ def table_settings(cfg) -> TableSettings:
         raw=cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
 
 
+def _guidance(cfg, conditioning: str) -> dict:
+    """The ``guidance`` block of a latent table: scale (finite), class labels and samples
+    per class (class models), the prompts file's prompts (text models)."""
+    from iec_jax.run.settings import _prompts
+
+    g = cfg.get("guidance")
+    if g is None:
+        if conditioning != "none":
+            raise ConfigError("guidance", f"is needed for a {conditioning}-conditional model")
+        return dict(scale=1.0, classes=None, per_class=1, prompts=None)
+    scale = check_real(g.get("scale", 1.0), "guidance.scale", minimum=0.0)
+    classes = g.get("classes")
+    if classes is not None:
+        if conditioning != "class":
+            raise ConfigError("guidance.classes", "applies to class-conditional models")
+        classes = [check_int(c, "guidance.classes", 0) for c in classes]
+    prompts = _prompts(g.get("prompts_file", "") or "", "guidance.prompts_file")
+    if conditioning == "text" and not prompts:
+        raise ConfigError("guidance.prompts_file", "must name a file of prompts for a text model")
+    if conditioning != "text" and prompts:
+        raise ConfigError("guidance.prompts_file", "applies to text models")
+    return dict(scale=scale, classes=classes, per_class=check_int(g.get("per_class", 1),
+                "guidance.per_class", 1), prompts=list(prompts) if prompts else None)
+
+
 # --------------------------------------------------------------------- row keys
 def row_meta(s: TableSettings, model_key: dict, row: RowSpec) -> dict:
     """What the row's samples depend on (the calibration only where it is used)."""
-    meta = dict(row=dataclasses.asdict(row), model=dict(model_key),
+    fields = dataclasses.asdict(row)
+    if not fields["first_k"]:  # added after rows were first stored: kept only where set
+        del fields["first_k"]
+    meta = dict(row=fields, model=dict(model_key),
                 schedule=dataclasses.asdict(s.schedule), sampler=dataclasses.asdict(s.sampler),
                 num_steps=s.num_steps(row), seed=s.seed, cache_point=list(s.cache_point),
                 num_samples=s.num_samples, shard_size=s.shard_size)
     if batch_dependent(row):
         meta["batch_size"] = s.batch_size
+    if s.latent:  # what else the latent samples depend on (pixel rows keep their keys)
+        meta["method"] = s.method
+        meta["guidance"] = dict(s.guidance)
     cal = s.calibration
     if row.quant:
         meta["calibration"] = cal.to_dict()

@@ -1,0 +1,70 @@
+"""The latent-model jobs at smoke size (random models of each setting's architecture at
+reduced width): sampling with class labels and prompts writes shards and a grid; every
+latent table config builds, and runs end to end on a few of its rows (float, an efficient
+model and its IEC row, with guidance and PLMS where the setting has them)."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+from iec_jax.run import reproduce, sample
+
+SETTINGS = ("lsun_bedroom", "lsun_church", "imagenet", "sd")
+ROWS = {"lsun_bedroom": "FP,DeepCache N=5,DeepCache N=5 + IEC",
+        "lsun_church": "FP,DeepCache N=10,DeepCache N=10 + IEC",
+        "imagenet": "FP,CacheQuant W8A8 N=20 DPS,CacheQuant W8A8 N=20 DPS + IEC",
+        "sd": "FP,CacheQuant W8A8 N=10 DPS,CacheQuant W8A8 N=10 DPS + IEC first step"}
+
+
+def _config(setting, kind, arg="smoke"):
+    return importlib.import_module(f"configs.{setting}.{kind}").get_config(arg)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_latent_table_configs_build_with_every_row(setting):
+    c = _config(setting, "table", None)
+    c.model.source = "smoke"  # the full config names the user's converted model
+    if setting == "sd":
+        _smoke_prompts(c)
+    full = reproduce.table_settings(c)
+    smoke = reproduce.table_settings(_config(setting, "table"))
+    assert full.latent and [r.name for r in full.rows] == [r.name for r in smoke.rows]
+    assert full.num_samples in (50_000, 5_000) and smoke.num_samples == 8
+
+
+def _smoke_prompts(c):
+    from configs.sd.sample import SMOKE_PROMPTS
+
+    c.guidance.prompts_file = SMOKE_PROMPTS  # the real table names the user's MS-COCO file
+    c.model.source = "smoke"
+    return c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ("imagenet", "sd"))
+def test_conditional_sampling_writes_shards_and_a_grid(setting, tmp_path):
+    out = sample.run(_config(setting, "sample"), str(tmp_path))
+    assert out["num_samples"] == 8 and (tmp_path / "grid.png").stat().st_size > 0
+    with np.load(tmp_path / "samples" / "samples_00000.npz") as f:
+        images = f["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (8, 32, 32, 3)
+    assert images.std() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_latent_tables_run_at_smoke_size(setting, tmp_path):
+    c = _config(setting, "table")
+    c.only = ROWS[setting]
+    results = reproduce.run(c, str(tmp_path))
+    names = ROWS[setting].split(",")
+    assert [r["row"] for r in results] == names
+    for r in results:
+        assert np.isfinite(r["fid"]) and r["nfe"] > 0
+    assert results[2]["nfe"] > results[1]["nfe"]  # IEC's corrections
+    assert results[2]["gain"] is not None
+    row = json.loads((tmp_path / "rows" / "FP" / "row.json").read_text())
+    assert row["method"] == ("plms" if setting == "sd" else "ddim") and "guidance" in row
+    assert (tmp_path / f"{setting}_table.md").exists()
