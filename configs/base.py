@@ -96,6 +96,9 @@ def table_config(source: str, *, model_name: str, spacing: str = "quad",
     # line in 1/N (0: off; needs num_samples > 4 x 2048 Inception features).
     c.fid_infinity = 0
     c.only = placeholder(str)  # comma-separated row names: run a subset
+    # The exact probability-flow ODE reference (iec_jax.ode): "L2 to ODE" of the first
+    # `samples` samples of every row (0: off), solver and tolerances.
+    c.ode = ml_collections.ConfigDict(dict(samples=0, solver="tsit5", rtol=1e-4, atol=1e-4))
     # Seconds after which no row without cached metrics is started or evaluated (rows
     # evaluated earlier are read from their small files); the table then lists the rows
     # left out. None: no limit; 0: assemble the table from the evaluated rows only (for

@@ -90,7 +90,8 @@ def _check(rtol, atol, solver, max_steps) -> None:
 
 def probability_flow(eps_fn: Callable, x_T, *, schedule: NoiseSchedule, timesteps,
                      solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
-                     max_steps: int = 4096, with_stats: bool = False):
+                     max_steps: int = 4096, with_stats: bool = False,
+                     return_states: bool = False):
     """x_0 of the probability-flow ODE from ``x_T`` at ``timesteps[0]`` (see the module
     docstring for the range and the last step).
 
@@ -104,9 +105,12 @@ def probability_flow(eps_fn: Callable, x_T, *, schedule: NoiseSchedule, timestep
       rtol, atol: the PID controller's tolerances (> 0), on the state x̄ = x/√ᾱ.
       max_steps: the solver's step budget; exceeding it is an error (diffrax raises).
       with_stats: also return diffrax's statistics (number of steps, rejected steps).
+      return_states: also return the solution at the grid's later timesteps, as a
+        sampler's trajectory holds them: (S, batch, ...) with entry i the state at
+        ``timesteps[i + 1]`` and the last entry x_0 (one solve, saved at those points).
 
     Returns:
-      x_0 (same shape and dtype as x_T), or ``(x_0, stats)``.
+      x_0 (same shape and dtype as x_T), or a tuple ``(x_0, [states], [stats])``.
     """
     import diffrax
 
@@ -131,6 +135,11 @@ def probability_flow(eps_fn: Callable, x_T, *, schedule: NoiseSchedule, timestep
         t = timestep_of_sigma(sigma, schedule).astype(dtype)
         return eps_fn(xbar * jnp.sqrt(alpha).astype(dtype), jnp.full((batch,), t, dtype))
 
+    later = ts[1:]
+    uniq = np.unique(later)[::-1] if return_states else np.array([t_last])  # decreasing t
+    save_sigmas = [float(table[t]) for t in uniq]
+    alphas = jnp.asarray([float(schedule.alphas_cumprod[t]) for t in uniq], dtype)
+
     @jax.jit
     def run(x):
         xbar = x / jnp.sqrt(jnp.asarray(a_first, dtype))
@@ -139,16 +148,25 @@ def probability_flow(eps_fn: Callable, x_T, *, schedule: NoiseSchedule, timestep
                 diffrax.ODETerm(drift), solver_obj, t0=float(table[t_first]),
                 t1=float(table[t_last]), dt0=None, y0=xbar,
                 stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-                max_steps=max_steps, saveat=diffrax.SaveAt(t1=True))
-            xbar, stats = sol.ys[0], sol.stats
+                max_steps=max_steps, saveat=diffrax.SaveAt(ts=jnp.asarray(save_sigmas)))
+            xbars, stats = sol.ys, sol.stats
         else:
-            stats = {}
+            xbars, stats = jnp.broadcast_to(xbar, (len(save_sigmas),) + xbar.shape), {}
+        states = xbars * jnp.sqrt(alphas).reshape((-1,) + (1,) * xbar.ndim)
+        xbar = xbars[-1]
         x_last = xbar * jnp.sqrt(jnp.asarray(a_last, dtype))
         # DDIM's own last step (η = 0) from t_last to the grid's final ᾱ.
         eps = eps_fn(x_last, jnp.full((batch,), t_last, dtype))
         x0 = (x_last - jnp.sqrt(1.0 - a_last) * eps) / jnp.sqrt(a_last)
         out = jnp.sqrt(a_final) * x0 + jnp.sqrt(1.0 - a_final) * eps
-        return out.astype(dtype), stats
+        return out.astype(dtype), states.astype(dtype), stats
 
-    out, stats = run(jnp.asarray(x_T))
-    return (out, jax.device_get(stats)) if with_stats else out
+    out, states, stats = run(jnp.asarray(x_T))
+    result = [out]
+    if return_states:
+        index = {int(t): i for i, t in enumerate(uniq)}
+        per_step = [states[index[int(t)]] for t in later] + [out]
+        result.append(jnp.stack(per_step))
+    if with_stats:
+        result.append(jax.device_get(stats))
+    return result[0] if len(result) == 1 else tuple(result)

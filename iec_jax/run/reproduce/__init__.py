@@ -35,6 +35,7 @@ import numpy as np
 from iec_jax import distributed
 from iec_jax.io import file_digest, write_json
 from iec_jax.metrics.reference import compute_metrics
+from iec_jax.run.reproduce import ode_ref
 from iec_jax.run.reproduce.interim import interim
 from iec_jax.run.reproduce.output import fmt, plots, write_outputs
 from iec_jax.run.reproduce.sampling import (Progress, Table, complete_features, float_shards,
@@ -115,6 +116,7 @@ def run(config, workdir: str) -> list[dict]:
     out: dict[str, dict] = {}
     pools: dict[str, np.ndarray] = {}
     curves: dict[str, list] = {}
+    ode_curves: dict[str, list] = {}
     fits: dict[str, dict] = {}
     left_out: list[str] = []
     for i, row in enumerate(s.selected):
@@ -134,6 +136,28 @@ def run(config, workdir: str) -> list[dict]:
         if feats is not None and s.bootstrap:  # kept for the paired bootstrap only
             pools[row.name] = feats["pool"]
         l2 = cached(os.path.join(rowdir, "l2.json"), ref_key, lambda: l2_to(rowdir, refdir, s))
+        l2_ode = None
+        if s.ode_samples:
+            okey = ode_ref.ode_key(table, row)
+
+            def _l2_ode():
+                shards = float_shards(rowdir, s)
+                need = sorted({k for k in range(shards.num_shards)
+                               if shards.indices(k)[0] < s.ode_samples})
+                if any(not shards.is_complete(k) for k in need):
+                    return None  # assembled from small files: no samples here
+                sol = ode_ref.ode_solution(table, row)
+                ode_curves[row.name] = ode_ref.ode_error_growth(
+                    os.path.join(rowdir, "trajectory.npz"), sol)
+                return ode_ref.l2_to_ode(shards.load(only=need), sol)
+
+            t0 = time.time()
+            l2_ode = cached(os.path.join(rowdir, "l2_ode.json"), okey, _l2_ode)
+            curve_ode = cached(os.path.join(rowdir, "error_growth_ode.json"), okey,
+                               lambda: ode_curves.get(row.name))
+            if curve_ode is not None:
+                ode_curves[row.name] = curve_ode
+            say(f"{row.name}: L2 to ODE {fmt(l2_ode, 3)}", t0)
         curve = cached(os.path.join(rowdir, "error_growth.json"), ref_key,
                        lambda: error_growth(rowdir, refdir))
         fit = None
@@ -153,7 +177,7 @@ def run(config, workdir: str) -> list[dict]:
         out[row.name] = dict(
             row=row.name, fid=m["fid"], sfid=m["sfid"], precision=m["precision"],
             recall=m["recall"], fid_inf=None if fit is None else fit["fid"], gain_inf=None,
-            l2_to_fp=l2, nfe=p.per_sample("nfe"), nfe_full=nfe_full, nfe_partial=nfe_partial,
+            l2_to_fp=l2, l2_to_ode=l2_ode, nfe=p.per_sample("nfe"), nfe_full=nfe_full, nfe_partial=nfe_partial,
             corrections=p.per_sample("corrections"), gflops=gflops,
             seconds_per_1k=1000 * p.data["timed_seconds"] / timed if timed else None,
             baseline=row.baseline, gain=None, paper_fid=row.paper_fid,
@@ -177,7 +201,7 @@ def run(config, workdir: str) -> list[dict]:
         return []
     results = [out[r.name] for r in s.rows if r.name in out]
     write_outputs(workdir, s, results, left_out)
-    plots(workdir, s, results, curves, fits)
+    plots(workdir, s, results, curves, fits, {k: v for k, v in ode_curves.items() if v})
     md = os.path.join(workdir, f"{s.table}.md")
     print(f"table: {md} ({time.time() - start:.0f} s)")
     print(Path(md).read_text())

@@ -36,7 +36,8 @@ def pct(v) -> str:
 def write_outputs(workdir: str, s: TableSettings, results: list[dict], left_out=()) -> None:
     """``<table>.md``, ``.csv`` and ``_result.json``."""
     inf = bool(s.fid_infinity)
-    columns = COLUMNS + (("FID∞", "gain∞") if inf else ())
+    ode = bool(s.ode_samples)
+    columns = COLUMNS + (("FID∞", "gain∞") if inf else ()) + (("L2 to ODE",) if ode else ())
     lines = [f"# {s.name}", "",
              f"{s.num_samples} samples per row, DDIM-{s.sampler.num_steps}"
              f" ({s.sampler.spacing}), η = {s.sampler.eta}, seed {s.seed};"
@@ -60,11 +61,14 @@ def write_outputs(workdir: str, s: TableSettings, results: list[dict], left_out=
                  f"{100 * r['paper_gain']:+.0f}%" if r["paper_gain"] else "–"]
         if inf:
             cells += [fmt(r.get("fid_inf")), pct(r.get("gain_inf"))]
+        if ode:
+            cells += [fmt(r.get("l2_to_ode"), 3)]
         lines.append("| " + " | ".join(cells) + " |")
         w.writerow([r["row"]] + [r[k] for k in ("fid", "sfid", "precision", "recall",
                     "l2_to_fp", "nfe", "nfe_full", "nfe_partial", "gflops", "seconds_per_1k",
                     "gain", "paper_fid", "paper_gain")]
-                   + ([r.get("fid_inf"), r.get("gain_inf")] if inf else []) + [r.get("gain_ci95")])
+                   + ([r.get("fid_inf"), r.get("gain_inf")] if inf else [])
+                   + ([r.get("l2_to_ode")] if ode else []) + [r.get("gain_ci95")])
     lines += ["", "gain = (FID_baseline − FID_row) / FID_baseline; paper gain = the same for"
               " the paper's cells" + (
                   f"; [a, b] = 95% paired-bootstrap interval ({s.bootstrap} replicates) of"
@@ -74,7 +78,10 @@ def write_outputs(workdir: str, s: TableSettings, results: list[dict], left_out=
                   f" FID∞: FID extrapolated to infinitely many samples by a line in 1/N"
                   f" through the FIDs of {s.fid_infinity} nested random subsets of"
                   " N/4 to N samples (Chong & Forsyth, CVPR 2020), the reference statistics"
-                  " fixed; gain∞: the gain computed with it." if inf else "")]
+                  " fixed; gain∞: the gain computed with it." if inf else "") + (
+                  f" L2 to ODE: mean distance of the first {s.ode_samples} samples to the"
+                  f" exact probability-flow ODE solution from the same x_T ({s.ode_solver},"
+                  f" rtol {s.ode_rtol:g}, atol {s.ode_atol:g})." if ode else "")]
     if left_out:
         lines += ["", f"Not evaluated when the time budget of {s.time_budget_s:.0f} s"
                   f" was spent: {', '.join(left_out)}."]
@@ -85,7 +92,8 @@ def write_outputs(workdir: str, s: TableSettings, results: list[dict], left_out=
 
 
 def plots(workdir: str, s: TableSettings, results: list[dict], curves: dict[str, list],
-          fits: Optional[dict[str, dict]] = None) -> None:
+          fits: Optional[dict[str, dict]] = None,
+          ode_curves: Optional[dict[str, list]] = None) -> None:
     """``<table>_error_growth.png``, ``_fid_vs_nfe.png`` and (with FID∞) ``_fid_infinity.png``."""
     import matplotlib
 
@@ -94,17 +102,23 @@ def plots(workdir: str, s: TableSettings, results: list[dict], curves: dict[str,
 
     from iec_jax.io import atomic_path
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ode_curves = ode_curves or {}
+    panels = [(curves, "mean ‖x_t − x_t^FP‖₂", "against the FP trajectory")]
+    if ode_curves:
+        panels.append((ode_curves, "mean ‖x_t − x_t^ODE‖₂", "against the exact ODE solution"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
     shown = [r["row"] for r in results if r["row"] in curves and any(curves[r["row"]])]
-    if shown:  # the FP row's own curve is zero
-        for name in shown:
-            d = curves[name]
-            ax.semilogy(np.arange(1, len(d) + 1), d, label=name,
-                        ls="--" if "IEC" in name else "-")
-        ax.set_xlabel("sampling step")
-        ax.set_ylabel("mean ‖x_t − x_t^FP‖₂")
-        ax.set_title(f"{s.name}: error growth against the FP trajectory", fontsize=9)
-        ax.legend(fontsize=7, ncol=2)
+    if shown or ode_curves:  # the FP row's own curve against FP is zero
+        for ax, (data, ylabel, title) in zip(axes[0], panels):
+            for r in results:
+                d = data.get(r["row"])
+                if d and any(d):
+                    ax.semilogy(np.arange(1, len(d) + 1), d, label=r["row"],
+                                ls="--" if "IEC" in r["row"] else "-")
+            ax.set_xlabel("sampling step")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{s.name}: error growth {title}", fontsize=9)
+            ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         with atomic_path(os.path.join(workdir, f"{s.table}_error_growth.png")) as tmp:
             fig.savefig(tmp, format="png", dpi=120)

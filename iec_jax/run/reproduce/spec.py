@@ -169,6 +169,11 @@ class TableSettings:
     # Latent models (model.setting): the sampler method and the conditioning.
     method: str = "ddim"
     guidance: Optional[Mapping[str, Any]] = None  # scale, classes, per_class, prompts
+    # The exact probability-flow ODE reference (reproduce.ode_ref): samples (0: off).
+    ode_samples: int = 0
+    ode_solver: str = "tsit5"
+    ode_rtol: float = 1e-4
+    ode_atol: float = 1e-4
 
     @property
     def latent(self) -> bool:
@@ -272,6 +277,13 @@ def table_settings(cfg) -> TableSettings:
         calibration = CalibrationConfig(**cal)
     except (TypeError, ValueError) as e:
         raise ConfigError("calibration", str(e)) from None
+    ode = cfg.get("ode") or {}
+    ode_samples = check_int(ode.get("samples", 0), "ode.samples", 0, n)
+    from iec_jax.ode import SOLVERS
+
+    ode_solver = check_choice(ode.get("solver", "tsit5"), "ode.solver", SOLVERS)
+    ode_rtol = check_real(ode.get("rtol", 1e-4), "ode.rtol", minimum=0.0, strict_min=True)
+    ode_atol = check_real(ode.get("atol", 1e-4), "ode.atol", minimum=0.0, strict_min=True)
     table = check_str(cfg.table, "table", pattern=r"^[A-Za-z0-9_-]+$")
     boot = check_int(cfg.get("bootstrap", 0), "bootstrap", 0)
     if boot == 1:
@@ -280,6 +292,7 @@ def table_settings(cfg) -> TableSettings:
         name=check_str(cfg.get("name", "") or table, "name"), table=table, seed=seed,
         num_samples=n, batch_size=b, shard_size=shard, model=model,
         schedule=schedule, sampler=sampler, cache_point=cp, method=method, guidance=guidance,
+        ode_samples=ode_samples, ode_solver=ode_solver, ode_rtol=ode_rtol, ode_atol=ode_atol,
         trajectory_samples=check_int(cfg.get("trajectory_samples", 0), "trajectory_samples", 0, n),
         reference_row=ref, bootstrap=boot,
         fid_infinity=points, time_budget_s=budget, calibration=calibration,

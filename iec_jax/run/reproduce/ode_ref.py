@@ -1,0 +1,116 @@
+"""The exact probability-flow ODE solution as a table column (``config.ode_samples``).
+
+For the first ``ode_samples`` samples of a table (their x_T, and for a latent model their
+conditioning and guidance) the full-precision model's probability-flow ODE is solved by
+:func:`iec_jax.ode.probability_flow` from the row's first to its last timestep (DDIM's own
+last step after it) — once per distinct grid, cached in ``<workdir>/ode/``. Each row then
+reports ``L2 to ODE``: the mean distance of its first ``ode_samples`` samples to that
+solution, beside ``L2 to FP`` (the distance to the FP sampler's samples). The first
+measures what the row's sampler and model leave of the exact solution (the sampler's
+discretization error plus the efficient model's error), the second the efficient model's
+error alone. The per-step distance of the row's trajectory to the ODE solution at the
+row's timesteps is kept next to the error growth against the FP trajectory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iec_jax import pipeline
+from iec_jax.io import write_npz
+from iec_jax.run.reproduce.spec import RowSpec
+
+__all__ = ["ode_key", "ode_solution", "l2_to_ode", "ode_error_growth"]
+
+
+def ode_key(table, row: RowSpec) -> dict:
+    """What the ODE reference of a row's grid depends on."""
+    s = table.s
+    ts = table.timesteps(row)
+    return dict(model=dict(table.model_key), first=int(ts[0]), last=int(ts[-1]),
+                final_alpha=float(table.schedule.final_alpha_cumprod), seed=s.seed,
+                samples=s.ode_samples, trajectory_samples=s.trajectory_samples,
+                solver=s.ode_solver, rtol=s.ode_rtol, atol=s.ode_atol,
+                guidance=s.guidance, method="probability_flow")
+
+
+def _path(table, key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(table.workdir, "ode", f"ode_{digest}.npz")
+
+
+def _eps_fn(table, indices):
+    """The full-precision ε of the first samples (latent: with their conditioning and
+    guidance), as ``eps_fn(x, t)`` with fractional t."""
+    if table.latent:
+        from iec_jax import latent as L
+
+        factory = L.guided(table.model, table.cond, scale=float(table.s.guidance["scale"]))
+        return factory(table.all_params, indices)
+    from iec_jax.models.loading import unet_denoiser
+
+    return unet_denoiser(table.unet_config, table.model_key["dtype"])(table.params)
+
+
+def ode_solution(table, row: RowSpec) -> Optional[dict]:
+    """``{"x0": (n, ...), "trajectory": (S, m, ...)}``: the ODE solution of the first n
+    samples and its states at the row's timesteps for the first m trajectory samples
+    (cached; computed on first use)."""
+    from iec_jax.ode import probability_flow
+
+    s = table.s
+    if not s.ode_samples:
+        return None
+    key = ode_key(table, row)
+    path = _path(table, key)
+    if os.path.exists(path):
+        with np.load(path) as f:
+            if json.loads(str(f["key"])) == json.loads(json.dumps(key)):
+                return dict(x0=f["x0"], trajectory=f["trajectory"])
+    n = s.ode_samples
+    indices = jnp.arange(n, dtype=jnp.uint32)
+    keys = pipeline.per_sample_keys(jax.random.key(s.seed), indices)
+    x_T, _ = pipeline.initial_noise(keys, table.shape)
+    eps_fn = _eps_fn(table, indices)
+    ts = table.timesteps(row)
+    x0 = probability_flow(eps_fn, x_T, schedule=table.schedule, timesteps=ts,
+                          solver=s.ode_solver, rtol=s.ode_rtol, atol=s.ode_atol)
+    m = min(s.trajectory_samples, n)
+    trajectory = np.zeros((0,))
+    if m:  # the exact solution at the row's timesteps, as its trajectory.npz holds them
+        _, states = probability_flow(_eps_fn(table, indices[:m]), x_T[:m], schedule=table.schedule,
+                                     timesteps=ts, solver=s.ode_solver, rtol=s.ode_rtol,
+                                     atol=s.ode_atol, return_states=True)
+        trajectory = np.asarray(states)
+    write_npz(path, x0=np.asarray(x0), trajectory=trajectory, key=json.dumps(key))
+    return dict(x0=np.asarray(x0), trajectory=trajectory)
+
+
+def l2_to_ode(samples: np.ndarray, solution: dict) -> float:
+    """Mean L2 distance of the first samples to the ODE solution (float64)."""
+    from iec_jax.run.reproduce.scores import mean_l2
+
+    n = len(solution["x0"])
+    return mean_l2(samples[:n], solution["x0"])
+
+
+def ode_error_growth(trajectory_path: str, solution: dict) -> Optional[list]:
+    """Per step, the mean distance of the row's trajectory to the ODE solution at the
+    same timesteps (None without a trajectory or on another grid)."""
+    if not os.path.exists(trajectory_path) or not len(solution["trajectory"]):
+        return None
+    with np.load(trajectory_path) as f:
+        traj = f["trajectory"].astype(np.float64)
+    ref = solution["trajectory"].astype(np.float64)
+    m = min(traj.shape[1], ref.shape[1])
+    if traj.shape[0] != ref.shape[0]:
+        return None
+    d = np.sqrt(((traj[:, :m] - ref[:, :m]) ** 2).reshape(traj.shape[0], m, -1).sum(-1))
+    return [float(v) for v in d.mean(1)]
