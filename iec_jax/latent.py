@@ -27,7 +27,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -216,8 +216,8 @@ def smoke_model(setting: str, seed: int = 0):
     from iec_jax.models.autoencoder import Autoencoder, AutoencoderConfig
     from iec_jax.models.clip import CLIPTextConfig, CLIPTextModel
     from iec_jax.models.ldm import (SETTING_SPECS, ClassEmbedderConfig, Component, LatentModel)
-    from iec_jax.models.unet import UNet, UNetConfig
-    from iec_jax.models.unet_cond import ClassEmbedder, UNetCondition, UNetConditionConfig
+    from iec_jax.models.unet import UNet
+    from iec_jax.models.unet_cond import ClassEmbedder, UNetCondition
 
     if setting not in SMOKE_SETTINGS:
         raise ValueError(f"smoke models exist for {SMOKE_SETTINGS}, got {setting!r}")

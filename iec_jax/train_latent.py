@@ -98,7 +98,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from iec_jax import train as train_lib
 from iec_jax.io import write_json
 from iec_jax.models.autoencoder import Autoencoder, AutoencoderConfig
-from iec_jax.models.unet import count_params
 from iec_jax.models.unet_cond import ClassEmbedder, UNetCondition, UNetConditionConfig
 
 __all__ = [

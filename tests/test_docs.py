@@ -3,7 +3,6 @@ its users only, it stands alone (nothing reads or cites files outside the reposi
 job modules stay small, and every command has a docstring saying what it writes."""
 
 import ast
-import os
 import re
 import subprocess
 import unicodedata

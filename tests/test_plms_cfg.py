@@ -335,6 +335,25 @@ def test_cfg_equals_diffusers_loops_on_a_tiny_conditional_unet(method, torch_one
     assert _rel(x0, theirs) < 1e-4, _rel(x0, theirs)
     assert int(np.asarray(info["nfe"]).sum()) == len(sched.timesteps)
 
+    # Decoded images equal too: the final latents through a tiny random KL autoencoder
+    # (diffusers AutoencoderKL and its Flax twin), the SD scaling factor divided out.
+    from diffusers import AutoencoderKL
+
+    from iec_jax.models import autoencoder as ae_lib
+
+    ae_cfg = ae_lib.AutoencoderConfig(kind="kl", latent_channels=4, in_channels=3, out_channels=3,
+                                      block_out_channels=(8, 16), layers_per_block=1,
+                                      norm_num_groups=4, scaling_factor=0.18215)
+    torch.manual_seed(1)
+    vae = AutoencoderKL(**ae_cfg.to_diffusers()).eval()
+    ae_params = ae_lib.params_from_diffusers_state_dict(vae.state_dict(), ae_cfg)
+    ours = ae_lib.Autoencoder(ae_cfg).apply({"params": ae_params}, jnp.asarray(x0) / 0.18215,
+                                            method="decode")
+    with torch.no_grad():
+        img = vae.decode(torch.from_numpy(theirs.transpose(0, 3, 1, 2).copy()) / 0.18215).sample
+    img = img.numpy().transpose(0, 2, 3, 1)
+    assert float(np.abs(np.asarray(ours) - img).max()) < 1e-4 * max(1.0, float(np.abs(img).max()))
+
 
 # --------------------------------------------------------------- IEC + CFG
 def test_iec_with_guidance_official_ldm_matches_reference():
