@@ -39,7 +39,16 @@ BUNDLED = {
     "fmnist-small": "fmnist-small",
 }
 
+# Latent models that ship inside the package (iec_jax.models.ldm folders), by name: the
+# project's own class-conditional latent Fashion-MNIST model (configs/fmnist_ldm).
+BUNDLED_LATENT = {"fmnist-ldm": "fmnist-ldm"}
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_latent_source(source: str) -> str:
+    """A bundled latent model's folder by name (:data:`BUNDLED_LATENT`), else ``source``."""
+    return str(ASSETS_DIR / BUNDLED_LATENT[source]) if source in BUNDLED_LATENT else source
 
 
 def resolve_source(source: Union[str, os.PathLike]) -> Path:

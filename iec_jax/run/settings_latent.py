@@ -34,9 +34,10 @@ class LatentModelSettings:
 
             return smoke_model(self.setting)
         from iec_jax.models.ldm import load_latent_model
+        from iec_jax.models.loading import resolve_latent_source
 
         extra = dict(tokenizer=self.tokenizer) if self.tokenizer else {}
-        return load_latent_model(self.source, self.setting, **extra)
+        return load_latent_model(resolve_latent_source(self.source), self.setting, **extra)
 
 
 def latent_model_settings(cfg, field: str = "model") -> LatentModelSettings:
@@ -44,8 +45,11 @@ def latent_model_settings(cfg, field: str = "model") -> LatentModelSettings:
 
     setting = check_choice(_get(cfg, f"{field}.setting", "setting"), f"{field}.setting", SETTINGS)
     source = check_str(_get(cfg, f"{field}.source", "source"), f"{field}.source")
-    if source != "smoke" and not os.path.exists(os.path.expanduser(source)):
-        raise ConfigError(f"{field}.source", "must be 'smoke' or an existing latent model folder"
+    from iec_jax.models.loading import BUNDLED_LATENT, resolve_latent_source
+
+    if source != "smoke" and not os.path.exists(os.path.expanduser(resolve_latent_source(source))):
+        raise ConfigError(f"{field}.source", "must be 'smoke', a bundled latent model"
+                          f" ({', '.join(BUNDLED_LATENT)}) or an existing latent model folder"
                           " or checkpoint file", source)
     tok = cfg.get("tokenizer", "") or ""
     if tok and not os.path.isdir(os.path.expanduser(tok)):
