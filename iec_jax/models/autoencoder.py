@@ -140,11 +140,10 @@ from flax import traverse_util
 from iec_jax.models.convert import (
     _listing,
     _load_safetensors,
-    _read_config_json,
     _to_flax_layout,
     _to_numpy,
-    _torch_load,
     _torch_shape,
+    read_diffusers_folder,
     ddpm_original_key_to_diffusers,
     flax_path_to_diffusers_key,
 )
@@ -934,21 +933,7 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any], config: Auto
 def load_diffusers_autoencoder(folder: PathLike) -> tuple[AutoencoderConfig, dict]:
     """(config, params) from a diffusers ``VQModel`` / ``AutoencoderKL`` folder
     (``config.json`` and ``diffusion_pytorch_model.safetensors`` or ``.bin``)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a directory (expected a diffusers VQModel / AutoencoderKL folder)")
-    config = AutoencoderConfig.from_diffusers(_read_config_json(folder / "config.json"))
-    safetensors_file = folder / "diffusion_pytorch_model.safetensors"
-    bin_file = folder / "diffusion_pytorch_model.bin"
-    if safetensors_file.is_file():
-        state = _load_safetensors(safetensors_file)
-    elif bin_file.is_file():
-        state = _torch_load(bin_file)
-    else:
-        raise ValueError(
-            f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin"
-            f" (found: {sorted(p.name for p in folder.iterdir())})"
-        )
+    config, state = read_diffusers_folder(folder, "VQModel / AutoencoderKL", AutoencoderConfig.from_diffusers)
     return config, params_from_diffusers_state_dict(state, config)
 
 

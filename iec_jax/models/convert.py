@@ -236,23 +236,29 @@ def _torch_load(path: Path) -> dict[str, Any]:
     return dict(state)
 
 
-def load_diffusers(folder: PathLike) -> tuple[UNetConfig, dict]:
-    """(config, params) from a diffusers ``UNet2DModel`` folder."""
+def read_diffusers_folder(folder: PathLike, what: str, parse_config) -> tuple[Any, dict[str, Any]]:
+    """``(parse_config(config.json dict), state dict)`` of one diffusers model folder
+    (``diffusion_pytorch_model.safetensors``, else ``.bin``; the config is parsed, and
+    refused, before any weights are read); ``what`` names the model class in errors."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is not a directory (expected a diffusers UNet2DModel folder)")
-    config = UNetConfig.from_diffusers(_read_config_json(folder / "config.json"))
+        raise ValueError(f"{folder} is not a directory (expected a diffusers {what} folder)")
+    raw = parse_config(_read_config_json(folder / "config.json"))
     safetensors_file = folder / "diffusion_pytorch_model.safetensors"
     bin_file = folder / "diffusion_pytorch_model.bin"
     if safetensors_file.is_file():
-        state = _load_safetensors(safetensors_file)
-    elif bin_file.is_file():
-        state = _torch_load(bin_file)
-    else:
-        raise ValueError(
-            f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin"
-            f" (found: {sorted(p.name for p in folder.iterdir())})"
-        )
+        return raw, _load_safetensors(safetensors_file)
+    if bin_file.is_file():
+        return raw, _torch_load(bin_file)
+    raise ValueError(
+        f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin"
+        f" (found: {sorted(p.name for p in folder.iterdir())})"
+    )
+
+
+def load_diffusers(folder: PathLike) -> tuple[UNetConfig, dict]:
+    """(config, params) from a diffusers ``UNet2DModel`` folder."""
+    config, state = read_diffusers_folder(folder, "UNet2DModel", UNetConfig.from_diffusers)
     return config, params_from_diffusers_state_dict(state, config)
 
 

@@ -103,12 +103,10 @@ from flax.linen.dtypes import promote_dtype
 from iec_jax.models.convert import (
     _LIST_CONTAINERS,
     _listing,
-    _load_safetensors,
-    _read_config_json,
     _to_flax_layout,
     _to_numpy,
-    _torch_load,
     _torch_shape,
+    read_diffusers_folder,
 )
 from iec_jax.models.layers import Conv2d, Dense, MatMul, Softmax, torch_default_kernel_init
 from iec_jax.models.unet import (
@@ -1065,21 +1063,7 @@ def load_diffusers_unet_condition(folder: PathLike) -> tuple[UNetConditionConfig
     """(config, params) from a diffusers ``UNet2DConditionModel`` folder (``config.json``
     and ``diffusion_pytorch_model.safetensors`` or ``.bin``; for SD the pipeline's
     ``unet/`` subfolder)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a directory (expected a diffusers UNet2DConditionModel folder)")
-    config = UNetConditionConfig.from_diffusers(_read_config_json(folder / "config.json"))
-    safetensors_file = folder / "diffusion_pytorch_model.safetensors"
-    bin_file = folder / "diffusion_pytorch_model.bin"
-    if safetensors_file.is_file():
-        state = _load_safetensors(safetensors_file)
-    elif bin_file.is_file():
-        state = _torch_load(bin_file)
-    else:
-        raise ValueError(
-            f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin"
-            f" (found: {sorted(p.name for p in folder.iterdir())})"
-        )
+    config, state = read_diffusers_folder(folder, "UNet2DConditionModel", UNetConditionConfig.from_diffusers)
     return config, params_from_diffusers_state_dict(state, config)
 
 
