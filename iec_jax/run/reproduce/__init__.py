@@ -98,17 +98,14 @@ def run(config, workdir: str) -> list[dict]:
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, f"{s.table}_config.json"), dict(s.raw))
     table = Table(s, workdir)
-    ctx_shape, passes = None, 1
-    if table.latent and table.cond.kind != "none":
-        c, _ = table.cond.contexts(table.model, table.all_params, np.arange(1))
-        ctx_shape, passes = tuple(c.shape[1:]), (2 if s.guidance["scale"] != 1.0 else 1)
     key = dict(model=table.model_key, cache_point=list(s.cache_point), count="lowered HLO")
-    if passes != 1:
-        key["passes"] = passes
+    if table.passes != 1:
+        key["passes"] = table.passes
     fl = _main_first("flops", lambda: cached(
         os.path.join(workdir, "flops.json"), key,
         lambda: flops(table.unet_config, table.params, table.shape, s.cache_point,
-                      table.model_key["dtype"], context_shape=ctx_shape, passes=passes)))
+                      table.model_key["dtype"], context_shape=table.context_shape,
+                      passes=table.passes)))
     refstats = _main_first("reference", lambda: _reference(s))
     mkey = metrics_key(s, int(refstats["num"]))
     refdir = os.path.join(workdir, "rows", s.reference.slug)
@@ -138,23 +135,8 @@ def run(config, workdir: str) -> list[dict]:
         l2 = cached(os.path.join(rowdir, "l2.json"), ref_key, lambda: l2_to(rowdir, refdir, s))
         l2_ode = None
         if s.ode_samples:
-            okey = ode_ref.ode_key(table, row)
-
-            def _l2_ode():
-                shards = float_shards(rowdir, s)
-                need = sorted({k for k in range(shards.num_shards)
-                               if shards.indices(k)[0] < s.ode_samples})
-                if any(not shards.is_complete(k) for k in need):
-                    return None  # assembled from small files: no samples here
-                sol = ode_ref.ode_solution(table, row)
-                ode_curves[row.name] = ode_ref.ode_error_growth(
-                    os.path.join(rowdir, "trajectory.npz"), sol)
-                return ode_ref.l2_to_ode(shards.load(only=need), sol)
-
             t0 = time.time()
-            l2_ode = cached(os.path.join(rowdir, "l2_ode.json"), okey, _l2_ode)
-            curve_ode = cached(os.path.join(rowdir, "error_growth_ode.json"), okey,
-                               lambda: ode_curves.get(row.name))
+            l2_ode, curve_ode = ode_ref.row_columns(table, row, rowdir)
             if curve_ode is not None:
                 ode_curves[row.name] = curve_ode
             say(f"{row.name}: L2 to ODE {fmt(l2_ode, 3)}", t0)

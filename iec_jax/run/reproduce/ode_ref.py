@@ -27,7 +27,7 @@ from iec_jax import pipeline
 from iec_jax.io import write_npz
 from iec_jax.run.reproduce.spec import RowSpec
 
-__all__ = ["ode_key", "ode_solution", "l2_to_ode", "ode_error_growth"]
+__all__ = ["ode_key", "ode_solution", "l2_to_ode", "ode_error_growth", "row_columns"]
 
 
 def ode_key(table, row: RowSpec) -> dict:
@@ -114,3 +114,28 @@ def ode_error_growth(trajectory_path: str, solution: dict) -> Optional[list]:
         return None
     d = np.sqrt(((traj[:, :m] - ref[:, :m]) ** 2).reshape(traj.shape[0], m, -1).sum(-1))
     return [float(v) for v in d.mean(1)]
+
+
+def row_columns(table, row: RowSpec, rowdir: str) -> tuple[Optional[float], Optional[list]]:
+    """``(L2 to ODE, error growth against the ODE trajectory)`` of a row, each cached in
+    the row's directory with :func:`ode_key`; None where the row's samples (or its
+    trajectory) are not here (a row assembled from small files)."""
+    from iec_jax.run.reproduce.sampling import float_shards
+    from iec_jax.run.reproduce.spec import cached
+
+    s = table.s
+    key = ode_key(table, row)
+
+    def l2():
+        shards = float_shards(rowdir, s)
+        need = [k for k in range(shards.num_shards) if shards.indices(k)[0] < s.ode_samples]
+        if any(not shards.is_complete(k) for k in need):
+            return None
+        return l2_to_ode(shards.load(only=need), ode_solution(table, row))
+
+    def curve():
+        traj = os.path.join(rowdir, "trajectory.npz")
+        return ode_error_growth(traj, ode_solution(table, row)) if os.path.exists(traj) else None
+
+    return (cached(os.path.join(rowdir, "l2_ode.json"), key, l2),
+            cached(os.path.join(rowdir, "error_growth_ode.json"), key, curve))

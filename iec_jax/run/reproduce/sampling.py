@@ -114,6 +114,9 @@ class Table:
         self.s = s
         self.workdir = workdir
         self.latent = s.latent
+        # A conditional UNet's context shape (tokens, dim) and its passes per evaluation
+        # (2 under classifier-free guidance), for the FLOP count.
+        self.context_shape, self.passes = None, 1
         family = contexts = None
         if self.latent:
             from iec_jax import latent as L
@@ -136,6 +139,7 @@ class Table:
                 n = s.calibration.num_samples
                 c, u = self.cond.contexts(self.model, self.all_params, np.arange(n))
                 guided = g["scale"] != 1.0
+                self.context_shape, self.passes = tuple(c.shape[1:]), 2 if guided else 1
                 contexts = methods.CalibrationContexts(
                     np.asarray(c), np.asarray(u) if guided else None,
                     g["scale"] if guided else None, method=s.method)
