@@ -115,6 +115,8 @@ def load_diffusers(folder: Union[str, os.PathLike]):
     Strict: missing, unexpected and mis-shaped tensors are listed in one ValueError."""
     path = Path(folder)
     cfg_path = path / "config.json"
+    if not path.is_dir():
+        raise ValueError(f"{folder} is not a directory (expected a diffusers or transformers model folder)")
     if not cfg_path.is_file():
         raise ValueError(f"{folder} has no config.json (not a diffusers or transformers model folder)")
     try:
