@@ -180,6 +180,31 @@ def test_primitive_and_mse_search_match_official(bits):
     np.testing.assert_array_equal(Q.fake_quant(jnp.asarray(cases[0]), 0.1, 3.0, 32), cases[0])
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_pruned_mse_search_matches_official(bits):
+    """The activation calibration's search (prune=True: exact scores only for the candidates
+    near the best approximate one) against the same float64 transcription, per tensor and
+    per channel."""
+    rng = np.random.default_rng(bits + 10)
+    cases = [
+        rng.standard_normal(3000).astype(np.float32),
+        rng.uniform(0.002, 0.9, (4, 300)).astype(np.float32),
+        (rng.standard_t(2.5, (2, 8, 8, 3)) - 1.0).astype(np.float32),
+        np.maximum(rng.standard_normal((3, 700)), 0).astype(np.float32),  # ReLU-like: many zeros
+    ]
+    for x in cases:
+        d, z = Q.mse_search(x, bits, prune=True)
+        d_np, z_np = np_mse_search(x, bits)
+        np.testing.assert_allclose(float(d), d_np, rtol=2e-6)
+        assert float(z) == z_np
+        if x.ndim > 1:
+            dc, zc = Q.mse_search(x, bits, channel_axis=0, prune=True)
+            for c in range(x.shape[0]):
+                dc_np, zc_np = np_mse_search(x[c], bits)
+                np.testing.assert_allclose(float(dc[c]), dc_np, rtol=2e-6)
+                assert float(zc[c]) == zc_np
+
+
 def test_activation_tables_follow_official_calibration(params, act8, data):
     """Per-step tables, EMA 0.1/0.9 over a step's batches (the first blends with itself),
     sticky batch size, dropped remainder; checked on the two inputs computable without

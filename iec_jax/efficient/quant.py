@@ -15,6 +15,11 @@ Mapping to the official code (github zysxmu/IEC = BienLuky/CacheQuant + IEC chan
   NOT widened: Δ = (max' - min') / (2^b - 1), z = round(-min' / Δ) (official quirk kept:
   for one-signed tensors such as softmax outputs the scored and the used grids differ).
   ``min == max``: Δ = max, z = 0 (deviation: Δ = 1 when max = 0, where torch gives NaN).
+  Speed (the result is unchanged): the activation calibration scores the 40 candidates
+  of a tensor first approximately, all at once and vectorised (``exp(2.4 log|e|)``
+  instead of the scalar ``pow``), and exactly only those within 1% of the best
+  approximate score (``prune``, :func:`_pruned_argmin`): on a 2-core CPU about 4× faster
+  per calibration step, with tables equal bit for bit to the full search's.
 * Weights (:func:`quantize_params`, ``set_weight_quantize_params``): asymmetric, per output
   channel (each channel searched separately), computed once from the weights. Split convs
   (``--split``) have a second weight quantizer: the input-channel groups [:split] and
@@ -115,6 +120,9 @@ __all__ = [
 NO_QUANT_BITS = 32
 _SHRINK = np.array([1.0 - 0.01 * i for i in range(0, 80, 2)], np.float32)  # 40 candidates
 _EMA_NEW = 0.1
+_PRUNE_MARGIN = 1e-2  # relative: candidates scored exactly (see _pruned_argmin)
+_PRUNE_SLACK = 1e-30  # absolute, for all-zero approximate scores
+_TILE = 1024  # column width of the approximate scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +244,62 @@ def fake_quant(x: jax.Array, delta, zero_point, bits: int) -> jax.Array:
     return x if bits >= NO_QUANT_BITS else _fq(x, delta, zero_point, float(2**bits - 1))
 
 
-def _mse_rows(x: jax.Array, levels, counts: Optional[np.ndarray] = None) -> tuple[jax.Array, jax.Array]:
+def _approx_scores(x: jax.Array, xmax: jax.Array, xmin: jax.Array, n: jax.Array) -> jax.Array:
+    """The 40 candidates' scores of each row of x (C, m) at once, (C, 40), float32, with
+    ``|e|^2.4`` as ``exp(2.4 log|e|)``: vectorised, unlike the scalar ``pow`` of the exact
+    score, and within ~1e-5 (relative) of it. Laid out as (C, m/k, 40, k) column sums, which
+    XLA's CPU emitter vectorises far better than 40 long row reductions; the zero padding to
+    a multiple of k adds exactly 0 (0 quantizes to itself on every candidate grid)."""
+    c, m = x.shape
+    k = min(_TILE, m)
+    # Constants broadcast to the (C, m/k, 40, k) shape make XLA's CPU compiler materialise
+    # them (shared between tensors of one shape) and split the fusion, ~5x slower: every
+    # operand of the big elementwise chain is per tensor, behind a barrier tied to x.
+    x, n, power = jax.lax.optimization_barrier((x, n, jnp.float32(2.4)))
+    xt = jnp.pad(x, ((0, 0), (0, (-m) % k))).reshape(c, -1, 1, k)
+    f = jnp.asarray(_SHRINK)
+    hi, lo = jnp.maximum(xmax[:, None] * f, 0.0), jnp.minimum(xmin[:, None] * f, 0.0)  # (C, 40)
+    s = jnp.maximum((hi - lo) / n[:, None], jnp.float32(1e-8))
+    z = jnp.clip(-jnp.round(lo / s), 0.0, n[:, None])
+    # clip(round(x/s) + z, 0, n) - z as one clip of round(x/s) (exact on these integers)
+    q_lo, q_hi = (-z)[:, None, :, None], (n[:, None] - z)[:, None, :, None]
+    s = s[:, None, :, None]
+    xq = jnp.clip(jnp.round(xt / s), q_lo, q_hi) * s
+    err = jnp.exp(power * jnp.log(jnp.abs(xt - xq)))
+    return err.sum(1).sum(-1) / np.float32(m)
+
+
+def _pruned_argmin(score, x: jax.Array, xmax: jax.Array, xmin: jax.Array, n: jax.Array) -> jax.Array:
+    """The first minimum of the 40 exact scores, ``argmin(lax.map(score, candidates))``,
+    scoring exactly only the candidates whose approximate score (:func:`_approx_scores`) is
+    within the relative margin ``_PRUNE_MARGIN`` (1%) of the row's approximate minimum
+    (about 1.3 of the 40 on the main job's activations). A pruned candidate's exact score
+    exceeds the minimum unless approximate and exact scores differ by more than the margin;
+    measured on those activations: 2e-6 (median), 4e-5 at most, float32 rounding of the
+    two sums. ``score`` is the full search's own function (its values in the ``cond``
+    equal the full search's bit for bit: tests/test_speedups.py), so the first minimum
+    among the survivors is the full search's winner (NaN scores are kept: argmin returns
+    the first NaN, as the full search does).
+    Scores that are all zero up to rounding keep every candidate (``_PRUNE_SLACK``)."""
+    approx = _approx_scores(x, xmax, xmin, n)
+    bound = approx.min(1, keepdims=True) * (1.0 + _PRUNE_MARGIN) + _PRUNE_SLACK
+    alive = (approx <= bound) | jnp.isnan(approx)
+    inf = jnp.full(x.shape[:1], jnp.inf, jnp.float32)
+
+    def body(args):
+        f, a = args
+        return jax.lax.cond(jnp.any(a), lambda ff: jnp.where(a, score(ff), inf), lambda ff: inf, f)
+
+    return jnp.argmin(jax.lax.map(body, (jnp.asarray(_SHRINK), alive.T)), axis=0)
+
+
+def _mse_rows(x: jax.Array, levels, counts: Optional[np.ndarray] = None, prune: bool = False,
+              ) -> tuple[jax.Array, jax.Array]:
     """Official 'mse' range search for each row of x (C, n), float32. ``levels``: 2^b - 1,
     scalar or per row (may be traced: one compile for all bit widths); ``counts``: valid
     length of each (zero-padded) row."""
+    if prune and counts is not None:
+        raise ValueError("the pruned search takes unpadded rows (counts=None)")
     n = jnp.broadcast_to(jnp.asarray(levels, jnp.float32), x.shape[:1])
     mask = None if counts is None else np.arange(x.shape[1])[None, :] < np.asarray(counts)[:, None]
     xmax = x.max(1) if mask is None else jnp.where(mask, x, -jnp.inf).max(1)
@@ -255,7 +315,10 @@ def _mse_rows(x: jax.Array, levels, counts: Optional[np.ndarray] = None) -> tupl
             return jnp.mean(err, axis=1)
         return jnp.where(mask, err, 0.0).sum(1) / np.asarray(counts, np.float32)
 
-    best = jnp.argmin(jax.lax.map(score, jnp.asarray(_SHRINK)), axis=0)  # first minimum
+    if prune:
+        best = _pruned_argmin(score, x, xmax, xmin, n)
+    else:
+        best = jnp.argmin(jax.lax.map(score, jnp.asarray(_SHRINK)), axis=0)  # first minimum
     f = jnp.asarray(_SHRINK)[best]
     new_max, new_min = xmax * f, xmin * f
     delta = (new_max - new_min) / n
@@ -264,20 +327,23 @@ def _mse_rows(x: jax.Array, levels, counts: Optional[np.ndarray] = None) -> tupl
     return jnp.where(flat, jnp.where(xmax == 0, 1.0, xmax), delta), jnp.where(flat, 0.0, zp)
 
 
-@functools.partial(jax.jit, static_argnames=("channel_axis",))
-def _mse_search(x, levels, channel_axis):
+@functools.partial(jax.jit, static_argnames=("channel_axis", "prune"))
+def _mse_search(x, levels, channel_axis, prune=False):
     x = jnp.asarray(x, jnp.float32)
     if channel_axis is None:
-        d, z = _mse_rows(x.reshape(1, -1), levels)
+        d, z = _mse_rows(x.reshape(1, -1), levels, prune=prune)
         return d[0], z[0]
     x = jnp.moveaxis(x, channel_axis, 0)
-    return _mse_rows(x.reshape(x.shape[0], -1), levels)
+    return _mse_rows(x.reshape(x.shape[0], -1), levels, prune=prune)
 
 
-def mse_search(x: jax.Array, bits: int, channel_axis: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+def mse_search(x: jax.Array, bits: int, channel_axis: Optional[int] = None, *,
+               prune: bool = False) -> tuple[jax.Array, jax.Array]:
     """(delta, zero_point) of the official 'mse' search: per tensor (scalars) or per
-    ``channel_axis`` (shape (C,)); bits < 32."""
-    return _mse_search(x, float(2**bits - 1), channel_axis)
+    ``channel_axis`` (shape (C,)); bits < 32. ``prune``: score exactly only the candidates
+    that a vectorised approximate scoring cannot rule out (:func:`_pruned_argmin`; the
+    same result, several times faster on CPU)."""
+    return _mse_search(x, float(2**bits - 1), channel_axis, prune)
 
 
 def _max_rows(x: jax.Array, levels) -> tuple[jax.Array, jax.Array]:
@@ -437,8 +503,8 @@ def _interceptor(config: QuantConfig, act_fn, kernel_fn=None):
     return intercept
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "cache_point"))
-def _calib_pass(model, config, cache_point, params, x, t, feature, context, prev, first):
+@functools.partial(jax.jit, static_argnames=("model", "config", "cache_point", "prune"))
+def _calib_pass(model, config, cache_point, params, x, t, feature, context, prev, first, prune=True):
     """One calibration batch: per operand search + EMA with ``prev`` (unless ``first``),
     quantize with the result, continue. Returns key -> ActRange (scalars; (C,) per
     channel, where the batch's own range replaces ``prev``)."""
@@ -451,7 +517,7 @@ def _calib_pass(model, config, cache_point, params, x, t, feature, context, prev
             d, z = max_search(v, bits, _channel_axis(key))
             rec[key] = ActRange(d, z)
             return _fake_quant_table(v, d, z, bits, key)
-        d, z = mse_search(v, bits)
+        d, z = mse_search(v, bits, prune=prune)
         od, oz = (d, z) if prev is None else (jnp.where(first, d, prev[key][0]), jnp.where(first, z, prev[key][1]))
         rec[key] = ActRange(_EMA_NEW * d + (1 - _EMA_NEW) * od, _EMA_NEW * z + (1 - _EMA_NEW) * oz)
         return fake_quant(v, rec[key].delta, rec[key].zero_point, bits)
@@ -487,7 +553,7 @@ def _calib_batch(x, t, f, ctx, unc, sl):
 
 def calibrate_activations(
     unet, params: Any, calib: Sequence, config: QuantConfig, *,
-    cache_point=None, batch_size: int = 256, progress: bool = True,
+    cache_point=None, batch_size: int = 256, progress: bool = True, prune: bool = True,
 ) -> dict:
     """Per-step activation tables (key -> ActRange of shape (S,), or (S, C) per channel).
 
@@ -502,6 +568,12 @@ def calibrate_activations(
     is the guided 2B batch [x ; x] with [uncond ; context] (the official
     ``set_act_quantize_params_cond``), and a cached feature has shape (B, 2, h, w, c).
     ``batch_size`` counts samples (a guided pass has twice as many rows).
+
+    ``prune`` (default True): the per-tensor MSE search scores exactly only the candidates
+    a vectorised approximate scoring leaves within 1% of the best (see
+    :func:`mse_search`); False scores all 40 exactly (the slower form of the same
+    search; the per-channel ``'max'`` variant has no search and ignores it). Each step is
+    one jitted pass per batch, compiled once per input shape (full and partial passes).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -527,10 +599,10 @@ def calibrate_activations(
             sig = (xb.shape, None if fb is None else fb.shape, None if cb is None else cb.shape)
             if rec is None:  # zeros with the pass's key structure, so that one compile serves all batches
                 if sig not in shapes:
-                    probe = lambda p, xx, tt, ff, cc: _calib_pass(model, config, cp, p, xx, tt, ff, cc, None, True)  # noqa: E731
+                    probe = lambda p, xx, tt, ff, cc: _calib_pass(model, config, cp, p, xx, tt, ff, cc, None, True, prune)  # noqa: E731
                     shapes[sig] = jax.eval_shape(probe, *args[3:])
                 rec = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[sig])
-            rec = _calib_pass(*args, rec, jnp.asarray(i == 0))
+            rec = _calib_pass(*args, rec, jnp.asarray(i == 0), prune)
             if i == 0:
                 for k, r in rec.items():
                     first_seen.setdefault(k, r)

@@ -45,6 +45,12 @@ Outputs (:meth:`InceptionV3.__call__`):
   StyleGAN2-ADA (``no_output_bias=True``) compute the Inception Score. The TF graph has
   1008 outputs, 1000 of which are ImageNet classes; the softmax runs over all 1008.
 
+Speed on CPU (the same network and values): :class:`InceptionV3` can run its stem
+(:meth:`InceptionV3.stem`) and blocks (:meth:`InceptionV3.head`) separately, e.g. the
+stem image by image; ``stem_row_blocks`` computes three stem convolutions in bands of
+output rows and ``pointwise_as_matmul`` the 1 × 1 convolutions as matrix products
+(:mod:`iec_jax.metrics.features` uses all three on CPU).
+
 Converted parameters are cached as an .npz under ``$IEC_JAX_CACHE/inception`` (default
 ``~/.cache/iec_jax/inception``) and reused without torch; torch is imported only by
 :func:`convert_torchscript`.
@@ -74,6 +80,7 @@ __all__ = [
     "INPUT_SIZE",
     "POOL_DIM",
     "SPATIAL_DIM",
+    "CPU_STEM_ROW_BLOCKS",
     "DEFAULT_TORCHSCRIPT_SHA1",
     "preprocess",
     "resize_matrix",
@@ -94,6 +101,10 @@ SPATIAL_CHANNELS = 7
 SPATIAL_GRID = 17
 SPATIAL_DIM = SPATIAL_GRID * SPATIAL_GRID * SPATIAL_CHANNELS  # 2023
 BN_EPS = 1e-3  # TF BatchNormWithGlobalNormalization's variance_epsilon in this graph.
+# Bands of output rows for the stem's conv_1, conv_2 and conv_4 on CPU, one image at a
+# time: ~6 rows each for conv_1 and conv_4 (measured on a 2-core Xeon: 10 -> 5 ms and
+# 20 -> 14 ms per image); conv_2 is fastest whole.
+CPU_STEM_ROW_BLOCKS = (24, 1, 12)
 
 DEFAULT_TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt
 _CACHE_FORMAT = 1
@@ -178,7 +189,11 @@ class ConvBN(nn.Module):
 
     One ``Conv2dLayer`` of the TorchScript file; parameters ``kernel`` (HWIO), ``beta``,
     ``mean``, ``var``. ``padding`` is the symmetric (pad_h, pad_w) of the TorchScript
-    layer, which equals TF's SAME/VALID padding for these odd kernels.
+    layer, which equals TF's SAME/VALID padding for these odd kernels. Two ways of
+    computing the same convolution, for speed on CPU: ``pointwise_as_matmul`` computes a
+    1 × 1 convolution as the matrix product it is (``einsum``); ``row_blocks`` > 1 (stride
+    1 only) computes it in that many bands of output rows (:func:`_conv_row_blocks`): a
+    smaller working set.
     """
 
     features: int
@@ -186,6 +201,8 @@ class ConvBN(nn.Module):
     strides: int = 1
     padding: tuple[int, int] = (0, 0)
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
+    row_blocks: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -195,16 +212,40 @@ class ConvBN(nn.Module):
         mean = self.param("mean", nn.initializers.zeros_init(), (self.features,))
         var = self.param("var", nn.initializers.ones_init(), (self.features,))
         ph, pw = self.padding
-        y = lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=(self.strides, self.strides),
-            padding=((ph, ph), (pw, pw)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=self.precision,
-        )
+
+        def conv(inp, pad_h):
+            return lax.conv_general_dilated(
+                inp,
+                kernel,
+                window_strides=(self.strides, self.strides),
+                padding=(pad_h, (pw, pw)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=self.precision,
+            )
+
+        pointwise = self.kernel_size == (1, 1) and self.strides == 1 and not (ph or pw)
+        if self.pointwise_as_matmul and pointwise:
+            y = jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], precision=self.precision)
+        elif self.row_blocks > 1 and self.strides == 1:
+            y = _conv_row_blocks(conv, x, self.kernel_size[0], ph, self.row_blocks)
+        else:
+            y = conv(x, (ph, ph))
         y = (y - mean) * lax.rsqrt(var + BN_EPS) + beta
         return nn.relu(y)
+
+
+def _conv_row_blocks(conv, x: jax.Array, kh: int, ph: int, blocks: int) -> jax.Array:
+    """A stride-1 convolution of x (padded by ph rows) computed in ``blocks`` bands of
+    output rows, each from its own rows of input plus the kh - 1 rows of overlap: the same
+    products and sums for every output pixel as one convolution (the concatenated bands
+    equal it bit for bit in the tests), but each band's working set fits the CPU's L2
+    cache."""
+    if ph:
+        x = jnp.pad(x, ((0, 0), (ph, ph), (0, 0), (0, 0)))
+    rows = x.shape[1] - kh + 1
+    step = -(-rows // blocks)
+    bands = [conv(x[:, i : min(rows, i + step) + kh - 1], (0, 0)) for i in range(0, rows, step)]
+    return jnp.concatenate(bands, axis=1)
 
 
 # A conv spec: (features, (kh, kw), stride, (pad_h, pad_w)).
@@ -247,14 +288,22 @@ class Tower(nn.Module):
     convs: Sequence[ConvSpec]
     avg_pool_first: bool = False
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.avg_pool_first:
             x = _avg_pool_3x3_same(x)
         for i, (f, k, s, p) in enumerate(self.convs):
-            x = ConvBN(f, k, s, p, self.precision, name="conv" if i == 0 else f"conv_{i}")(x)
+            name = "conv" if i == 0 else f"conv_{i}"
+            x = ConvBN(f, k, s, p, self.precision, self.pointwise_as_matmul, name=name)(x)
         return x
+
+
+def _parts(block: nn.Module):
+    """(ConvBN, Tower) with the block's precision and pointwise_as_matmul bound."""
+    kw = dict(precision=block.precision, pointwise_as_matmul=block.pointwise_as_matmul)
+    return functools.partial(ConvBN, **kw), functools.partial(Tower, **kw)
 
 
 class InceptionA(nn.Module):
@@ -262,14 +311,15 @@ class InceptionA(nn.Module):
 
     pool_features: int
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
 
     @nn.compact
     def __call__(self, x):
-        p = self.precision
-        b0 = ConvBN(*_c1(64), p, name="conv")(x)
-        b1 = Tower((_c1(48), (64, (5, 5), 1, (2, 2))), precision=p, name="tower")(x)
-        b2 = Tower((_c1(64), _c3(96), _c3(96)), precision=p, name="tower_1")(x)
-        b3 = Tower((_c1(self.pool_features),), True, p, name="tower_2")(x)
+        conv, tower = _parts(self)
+        b0 = conv(*_c1(64), name="conv")(x)
+        b1 = tower((_c1(48), (64, (5, 5), 1, (2, 2))), name="tower")(x)
+        b2 = tower((_c1(64), _c3(96), _c3(96)), name="tower_1")(x)
+        b3 = tower((_c1(self.pool_features),), True, name="tower_2")(x)
         return jnp.concatenate([b0, b1, b2, b3], axis=-1)
 
 
@@ -277,12 +327,13 @@ class InceptionB(nn.Module):
     """Grid reduction 35 -> 17 (``mixed_3``)."""
 
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
 
     @nn.compact
     def __call__(self, x):
-        p = self.precision
-        b0 = ConvBN(*_c3(384, stride=2), p, name="conv")(x)
-        b1 = Tower((_c1(64), _c3(96), _c3(96, stride=2)), precision=p, name="tower")(x)
+        conv, tower = _parts(self)
+        b0 = conv(*_c3(384, stride=2), name="conv")(x)
+        b1 = tower((_c1(64), _c3(96), _c3(96, stride=2)), name="tower")(x)
         return jnp.concatenate([b0, b1, _max_pool_3x3_s2(x)], axis=-1)
 
 
@@ -295,16 +346,16 @@ class InceptionC(nn.Module):
 
     channels_7x7: int
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
 
     @nn.compact
     def __call__(self, x):
-        p, c7 = self.precision, self.channels_7x7
-        b0 = ConvBN(*_c1(192), p, name="conv")(x)
-        b1 = Tower((_c1(c7), _c1x7(c7), _c7x1(192)), precision=p, name="tower")(x)
-        b2 = Tower(
-            (_c1(c7), _c7x1(c7), _c1x7(c7), _c7x1(c7), _c1x7(192)), precision=p, name="tower_1"
-        )(x)
-        b3 = Tower((_c1(192),), True, p, name="tower_2")(x)
+        conv, tower = _parts(self)
+        c7 = self.channels_7x7
+        b0 = conv(*_c1(192), name="conv")(x)
+        b1 = tower((_c1(c7), _c1x7(c7), _c7x1(192)), name="tower")(x)
+        b2 = tower((_c1(c7), _c7x1(c7), _c1x7(c7), _c7x1(c7), _c1x7(192)), name="tower_1")(x)
+        b3 = tower((_c1(192),), True, name="tower_2")(x)
         return jnp.concatenate([b0, b1, b2, b3], axis=-1), b0
 
 
@@ -312,14 +363,13 @@ class InceptionD(nn.Module):
     """Grid reduction 17 -> 8 (``mixed_8``)."""
 
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
 
     @nn.compact
     def __call__(self, x):
-        p = self.precision
-        b0 = Tower((_c1(192), _c3(320, stride=2)), precision=p, name="tower")(x)
-        b1 = Tower(
-            (_c1(192), _c1x7(192), _c7x1(192), _c3(192, stride=2)), precision=p, name="tower_1"
-        )(x)
+        _, tower = _parts(self)
+        b0 = tower((_c1(192), _c3(320, stride=2)), name="tower")(x)
+        b1 = tower((_c1(192), _c1x7(192), _c7x1(192), _c3(192, stride=2)), name="tower_1")(x)
         return jnp.concatenate([b0, b1, _max_pool_3x3_s2(x)], axis=-1)
 
 
@@ -332,23 +382,24 @@ class InceptionE(nn.Module):
 
     max_pool: bool
     precision: Any = lax.Precision.HIGHEST
+    pointwise_as_matmul: bool = False
 
     @nn.compact
     def __call__(self, x):
-        p = self.precision
+        conv, _ = _parts(self)
         c13, c31 = (384, (1, 3), 1, (0, 1)), (384, (3, 1), 1, (1, 0))
-        b0 = ConvBN(*_c1(320), p, name="conv")(x)
-        a = ConvBN(*_c1(384), p, name="tower_conv")(x)
-        b = ConvBN(*_c1(448), p, name="tower_1_conv")(x)
-        b = ConvBN(*_c3(384), p, name="tower_1_conv_1")(b)
+        b0 = conv(*_c1(320), name="conv")(x)
+        a = conv(*_c1(384), name="tower_conv")(x)
+        b = conv(*_c1(448), name="tower_1_conv")(x)
+        b = conv(*_c3(384), name="tower_1_conv_1")(b)
         pooled = _max_pool_3x3_same(x) if self.max_pool else _avg_pool_3x3_same(x)
         outs = [
             b0,
-            ConvBN(*c13, p, name="tower_mixed_conv")(a),
-            ConvBN(*c31, p, name="tower_mixed_conv_1")(a),
-            ConvBN(*c13, p, name="tower_1_mixed_conv")(b),
-            ConvBN(*c31, p, name="tower_1_mixed_conv_1")(b),
-            ConvBN(*_c1(192), p, name="tower_2_conv")(pooled),
+            conv(*c13, name="tower_mixed_conv")(a),
+            conv(*c31, name="tower_mixed_conv_1")(a),
+            conv(*c13, name="tower_1_mixed_conv")(b),
+            conv(*c31, name="tower_1_mixed_conv_1")(b),
+            conv(*_c1(192), name="tower_2_conv")(pooled),
         ]
         return jnp.concatenate(outs, axis=-1)
 
@@ -356,34 +407,58 @@ class InceptionE(nn.Module):
 class Layers(nn.Module):
     """The trunk (TorchScript ``layers``): (N, 299, 299, 3) in [-1, 1) -> features.
 
-    Returns ``(pool_3 (N, 2048), mixed_6/conv (N, 17, 17, 192))``.
+    Returns ``(pool_3 (N, 2048), mixed_6/conv (N, 17, 17, 192))``. Two halves, for callers
+    that run them at different batch sizes (:meth:`stem` then :meth:`blocks` is
+    ``__call__``): the stem's large early activations are faster image by image on CPU
+    (they then stay in cache), the Inception blocks batched. ``stem_row_blocks``: the
+    ``row_blocks`` of ``conv_1``, ``conv_2`` and ``conv_4``; ``pointwise_as_matmul``:
+    every ConvBN's (see :class:`ConvBN`).
     """
 
     precision: Any = lax.Precision.HIGHEST
+    stem_row_blocks: tuple = (1, 1, 1)
+    pointwise_as_matmul: bool = False
 
-    @nn.compact
-    def __call__(self, x):
-        p = self.precision
-        x = ConvBN(32, (3, 3), 2, (0, 0), p, name="conv")(x)  # 149
-        x = ConvBN(32, (3, 3), 1, (0, 0), p, name="conv_1")(x)  # 147
-        x = ConvBN(64, (3, 3), 1, (1, 1), p, name="conv_2")(x)  # 147
+    def setup(self):
+        p, mm = self.precision, self.pointwise_as_matmul
+        b1, b2, b4 = self.stem_row_blocks
+        self.conv = ConvBN(32, (3, 3), 2, (0, 0), p)  # 149
+        self.conv_1 = ConvBN(32, (3, 3), 1, (0, 0), p, mm, b1)  # 147
+        self.conv_2 = ConvBN(64, (3, 3), 1, (1, 1), p, mm, b2)  # 147
+        self.conv_3 = ConvBN(80, (1, 1), 1, (0, 0), p, mm)  # 73
+        self.conv_4 = ConvBN(192, (3, 3), 1, (0, 0), p, mm, b4)  # 71
+        self.mixed = InceptionA(32, p, mm)
+        self.mixed_1 = InceptionA(64, p, mm)
+        self.mixed_2 = InceptionA(64, p, mm)
+        self.mixed_3 = InceptionB(p, mm)  # 17
+        self.mixed_4 = InceptionC(128, p, mm)
+        self.mixed_5 = InceptionC(160, p, mm)
+        self.mixed_6 = InceptionC(160, p, mm)
+        self.mixed_7 = InceptionC(192, p, mm)
+        self.mixed_8 = InceptionD(p, mm)  # 8
+        self.mixed_9 = InceptionE(False, p, mm)
+        self.mixed_10 = InceptionE(True, p, mm)
+
+    def stem(self, x):
+        """(N, 299, 299, 3) -> (N, 35, 35, 192): the convolutions and pools before ``mixed``."""
+        x = self.conv_2(self.conv_1(self.conv(x)))
         x = _max_pool_3x3_s2(x)  # pool0: 73
-        x = ConvBN(80, (1, 1), 1, (0, 0), p, name="conv_3")(x)  # 73
-        x = ConvBN(192, (3, 3), 1, (0, 0), p, name="conv_4")(x)  # 71
-        x = _max_pool_3x3_s2(x)  # pool1: 35
-        x = InceptionA(32, p, name="mixed")(x)
-        x = InceptionA(64, p, name="mixed_1")(x)
-        x = InceptionA(64, p, name="mixed_2")(x)
-        x = InceptionB(p, name="mixed_3")(x)  # 17
-        x, _ = InceptionC(128, p, name="mixed_4")(x)
-        x, _ = InceptionC(160, p, name="mixed_5")(x)
-        x, mixed_6_conv = InceptionC(160, p, name="mixed_6")(x)
-        x, _ = InceptionC(192, p, name="mixed_7")(x)
-        x = InceptionD(p, name="mixed_8")(x)  # 8
-        x = InceptionE(False, p, name="mixed_9")(x)
-        x = InceptionE(True, p, name="mixed_10")(x)
+        x = self.conv_4(self.conv_3(x))
+        return _max_pool_3x3_s2(x)  # pool1: 35
+
+    def blocks(self, x):
+        """(N, 35, 35, 192) -> ``(pool_3, mixed_6/conv)``: the Inception blocks and pool."""
+        x = self.mixed_3(self.mixed_2(self.mixed_1(self.mixed(x))))
+        x, _ = self.mixed_4(x)
+        x, _ = self.mixed_5(x)
+        x, mixed_6_conv = self.mixed_6(x)
+        x, _ = self.mixed_7(x)
+        x = self.mixed_10(self.mixed_9(self.mixed_8(x)))
         pool = jnp.mean(x, axis=(1, 2))  # pool2: 8 × 8 average pool -> pool_3
         return pool, mixed_6_conv
+
+    def __call__(self, x):
+        return self.blocks(self.stem(x))
 
 
 class Output(nn.Module):
@@ -415,30 +490,51 @@ class InceptionV3(nn.Module):
       use_output_bias: add the output layer's bias to the logits. False by default, as
         guided-diffusion's evaluator and StyleGAN2-ADA do for the Inception Score.
       precision: matmul/conv precision; HIGHEST keeps float32 accuracy on GPU/TPU.
+      stem_row_blocks: bands of output rows of the stem's ``conv_1``, ``conv_2`` and
+        ``conv_4`` (1: one convolution, the default; :data:`CPU_STEM_ROW_BLOCKS` on CPU).
+      pointwise_as_matmul: every 1 × 1 convolution as a matrix product (on CPU).
+        Neither option changes the network: the features equal the default's (bit for bit
+        on the CPU measured), only the speed changes (see
+        :func:`iec_jax.metrics.features.cpu_model`).
+
+    ``__call__`` is :meth:`head` of :meth:`stem`; the two can be applied separately
+    (``model.apply(params, x, method=InceptionV3.stem)``), e.g. the stem image by image.
     """
 
     num_classes: Optional[int] = None
     use_output_bias: bool = False
     precision: Any = lax.Precision.HIGHEST
+    stem_row_blocks: tuple = (1, 1, 1)
+    pointwise_as_matmul: bool = False
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        """(N, 299, 299, 3) float32 in [-1, 1) -> dict(pool, spatial[, logits])."""
+    def setup(self):
+        self.layers = Layers(self.precision, self.stem_row_blocks, self.pointwise_as_matmul)
+        if self.num_classes is not None:
+            self.output = Output(self.num_classes, self.use_output_bias, self.precision)
+
+    def stem(self, x: jax.Array) -> jax.Array:
+        """(N, 299, 299, 3) float32 in [-1, 1) -> the (N, 35, 35, 192) stem activations."""
         if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
             raise ValueError(
                 f"InceptionV3 takes preprocessed (N, {INPUT_SIZE}, {INPUT_SIZE}, 3) input, got "
                 f"shape {x.shape}; use iec_jax.metrics.preprocess on uint8 images first"
             )
-        pool, mixed_6_conv = Layers(self.precision, name="layers")(x)
+        return self.layers.stem(x)
+
+    def head(self, h: jax.Array) -> dict[str, jax.Array]:
+        """Stem activations (N, 35, 35, 192) -> dict(pool, spatial[, logits])."""
+        pool, mixed_6_conv = self.layers.blocks(h)
         out = {
             "pool": pool,
-            "spatial": mixed_6_conv[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1),
+            "spatial": mixed_6_conv[..., :SPATIAL_CHANNELS].reshape(h.shape[0], -1),
         }
         if self.num_classes is not None:
-            out["logits"] = Output(
-                self.num_classes, self.use_output_bias, self.precision, name="output"
-            )(pool)
+            out["logits"] = self.output(pool)
         return out
+
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        """(N, 299, 299, 3) float32 in [-1, 1) -> dict(pool, spatial[, logits])."""
+        return self.head(self.stem(x))
 
 
 def model_for_params(params: Params, **kwargs) -> InceptionV3:
