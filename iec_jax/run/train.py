@@ -123,6 +123,13 @@ def _run_autoencoder(config, cfg: latent_lib.AutoencoderTrainConfig, workdir: st
     return result
 
 
+def _as_given(path) -> str:
+    """``path`` relative to the working directory when it lies below it (the records stay
+    meaningful on another machine), else as is."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def _run_latent_unet(config, cfg: latent_lib.LatentUNetTrainConfig, workdir: str, progress: bool) -> dict:
     from iec_jax.models.ldm import LatentSchedule
 
@@ -141,7 +148,7 @@ def _run_latent_unet(config, cfg: latent_lib.LatentUNetTrainConfig, workdir: str
         final_loss=summary["final_loss"], last_metrics=summary["last_metrics"],
         encode_time_s=summary["encode_time_s"], scale_factor=latents.scale_factor,
         latents={k: v for k, v in latents.info.items()},
-        autoencoder=str(cfg.autoencoder_checkpoint), num_params=counts,
+        autoencoder=_as_given(cfg.autoencoder_checkpoint), num_params=counts,
         params_mb=round(sum(counts.values()) * 4 / 1e6, 3), devices=[str(d) for d in jax.devices()],
         model_dir=model_dir,
         load=f"iec_jax.train_latent.load_trained_latent_model({model_dir!r})",

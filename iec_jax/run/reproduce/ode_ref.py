@@ -52,8 +52,14 @@ def _eps_fn(table, indices):
     if table.latent:
         from iec_jax import latent as L
 
+        from iec_jax.denoisers import Denoiser
+
         factory = L.guided(table.model, table.cond, scale=float(table.s.guidance["scale"]))
-        return factory(table.all_params, indices)
+        eps = factory(table.all_params, indices)
+        if isinstance(eps, Denoiser):  # guidance: a stateless denoiser of (x, t, step, state)
+            den = eps
+            return lambda x, t: den(x, t, 0, den.init_state(x))[0]
+        return eps
     from iec_jax.models.loading import unet_denoiser
 
     return unet_denoiser(table.unet_config, table.model_key["dtype"])(table.params)
@@ -78,17 +84,15 @@ def ode_solution(table, row: RowSpec) -> Optional[dict]:
     indices = jnp.arange(n, dtype=jnp.uint32)
     keys = pipeline.per_sample_keys(jax.random.key(s.seed), indices)
     x_T, _ = pipeline.initial_noise(keys, table.shape)
-    eps_fn = _eps_fn(table, indices)
     ts = table.timesteps(row)
-    x0 = probability_flow(eps_fn, x_T, schedule=table.schedule, timesteps=ts,
-                          solver=s.ode_solver, rtol=s.ode_rtol, atol=s.ode_atol)
     m = min(s.trajectory_samples, n)
-    trajectory = np.zeros((0,))
-    if m:  # the exact solution at the row's timesteps, as its trajectory.npz holds them
-        _, states = probability_flow(_eps_fn(table, indices[:m]), x_T[:m], schedule=table.schedule,
-                                     timesteps=ts, solver=s.ode_solver, rtol=s.ode_rtol,
-                                     atol=s.ode_atol, return_states=True)
-        trajectory = np.asarray(states)
+    # One solve: x_0 and, for the first m samples, the states at the row's timesteps (the
+    # trajectory.npz layout); saving states does not change the solver's steps.
+    x0, states = probability_flow(_eps_fn(table, indices), x_T, schedule=table.schedule, timesteps=ts,
+                                  solver=s.ode_solver, rtol=s.ode_rtol, atol=s.ode_atol,
+                                  return_states=True)
+    x0 = np.asarray(x0)
+    trajectory = np.asarray(states[:, :m]) if m else np.zeros((0,))
     write_npz(path, x0=np.asarray(x0), trajectory=trajectory, key=json.dumps(key))
     return dict(x0=np.asarray(x0), trajectory=trajectory)
 
