@@ -105,7 +105,8 @@ class StatefulDenoiser(Denoiser):
         context as a fifth argument: ``(x, t, step, state, context)``).
       init_fn: ``x_T -> state``.
       select_fn: optional ``(keep_new, new, old) -> state`` (see ``Denoiser.select_state``).
-      full_pass: optional ``num_steps -> bool array`` naming the full-compute steps.
+      full_pass: optional ``num_steps -> bool array`` naming the full-compute steps
+        (or None, as an inner denoiser's ``full_pass_mask``: every step is full).
     """
 
     apply_fn: Callable
@@ -125,7 +126,8 @@ class StatefulDenoiser(Denoiser):
         return self.select_fn(keep_new, new, old)
 
     def full_pass_mask(self, num_steps):
-        return None if self.full_pass is None else np.asarray(self.full_pass(num_steps), bool)
+        mask = None if self.full_pass is None else self.full_pass(num_steps)
+        return None if mask is None else np.asarray(mask, bool)  # None: every step full
 
 
 def as_denoiser(fn) -> Denoiser:

@@ -292,3 +292,19 @@ def test_from_config_overrides_presets():
     assert cfg.step_sizes == (0.3, 0.3, 0.3) and cfg.tolerance_check == "after_update"
     assert dataclasses.replace(cfg, tolerance=0.1).tolerance == 0.1
     hash(cfg)  # static data for jit
+
+
+def test_stateful_denoiser_passes_an_inner_all_full_mask_through():
+    """A wrapper whose ``full_pass`` is an inner denoiser's ``full_pass_mask`` returning
+    None (every step full) samples like the plain function (the conditional latent model
+    at guidance scale 1.0 is built so)."""
+    schedule = iec_jax.NoiseSchedule.linear(1e-4, 0.02, 1000)
+    ts = iec_jax.make_timesteps(1000, 5)
+    inner = iec_jax.as_denoiser(lambda x, t: 0.1 * x)
+    wrapped = iec_jax.StatefulDenoiser(inner, inner.init_state, inner.select_state, inner.full_pass_mask)
+    assert wrapped.full_pass_mask(5) is None
+    x_T = jnp.ones((2, 4, 4, 1))
+    keys = jax.random.split(jax.random.key(0), 2)
+    a, _ = iec_jax.sample(inner, x_T, keys, schedule=schedule, timesteps=ts)
+    b, _ = iec_jax.sample(wrapped, x_T, keys, schedule=schedule, timesteps=ts)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
