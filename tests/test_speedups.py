@@ -147,10 +147,7 @@ def test_row_bands_and_pointwise_matmul_equal_the_convolution():
 
 @pytest.fixture(scope="module")
 def inception_params():
-    try:
-        return F.default_params()
-    except FileNotFoundError as e:  # pragma: no cover - depends on the environment
-        pytest.skip(str(e))
+    return F.default_params()
 
 
 def test_cpu_layout_features_equal_batched_network(inception_params):
