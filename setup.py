@@ -49,6 +49,9 @@ EXTRAS = {
 EXTRAS["tensorboard"] = ["tensorflow-cpu==2.21.0", "tensorboard==2.20.0"]
 EXTRAS["test"] = EXTRAS["torch"] + EXTRAS["tensorboard"] + [
     "pytest==9.2.0",
+    # Two test processes (pytest.ini: -n 2 --dist loadfile): the suite is mostly
+    # single-threaded compilation, so the two cores halve its wall time.
+    "pytest-xdist==3.8.0",
     # The PyTorch CLIP text encoder the Flax port is tested against.
     "transformers==5.25.0",
 ]

@@ -1,7 +1,10 @@
 """Test configuration: offline hub, a persistent compilation cache, float32 by default.
 
-Run the tests in one process (``python -m pytest -q tests``): compiled functions and the
-compilation cache are shared across test files.
+``python -m pytest -q`` runs the files in two worker processes (pytest.ini: ``-n 2
+--dist loadfile``: each file's tests in one process, sharing its compiled functions; the
+persistent compilation cache is shared across both). The shared one-time preparations
+(the TFDS Fashion-MNIST build, the FID Inception conversion) run first, under a file lock,
+so that the workers never build them at the same time.
 """
 
 import os
@@ -17,3 +20,20 @@ jax.config.update(
     os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/iec_jax/jax")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_preparations(tmp_path_factory):
+    from filelock import FileLock
+
+    from iec_jax import data
+    from iec_jax.metrics import features
+
+    lock = tmp_path_factory.getbasetemp().parent / "iec_jax_shared_preparations.lock"
+    with FileLock(str(lock)):
+        data.prepare("fashion_mnist", download=False)
+        features.default_params()
+    yield
