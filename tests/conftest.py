@@ -25,15 +25,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 import pytest  # noqa: E402
 
 
+_PREPARE = ("from iec_jax import data; from iec_jax.metrics import features;"
+            " data.prepare('fashion_mnist', download=False); features.default_params()")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _shared_preparations(tmp_path_factory):
-    from filelock import FileLock
+    # In a child process: the workers themselves stay free of TensorFlow (test_data checks it).
+    import subprocess
+    import sys
 
-    from iec_jax import data
-    from iec_jax.metrics import features
+    from filelock import FileLock
 
     lock = tmp_path_factory.getbasetemp().parent / "iec_jax_shared_preparations.lock"
     with FileLock(str(lock)):
-        data.prepare("fashion_mnist", download=False)
-        features.default_params()
+        done = subprocess.run([sys.executable, "-c", _PREPARE], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     yield
