@@ -93,8 +93,8 @@ def ode_solution(table, row: RowSpec) -> Optional[dict]:
                                   return_states=True)
     x0 = np.asarray(x0)
     trajectory = np.asarray(states[:, :m]) if m else np.zeros((0,))
-    write_npz(path, x0=np.asarray(x0), trajectory=trajectory, key=json.dumps(key))
-    return dict(x0=np.asarray(x0), trajectory=trajectory)
+    write_npz(path, x0=x0, trajectory=trajectory, key=json.dumps(key))
+    return dict(x0=x0, trajectory=trajectory)
 
 
 def l2_to_ode(samples: np.ndarray, solution: dict) -> float:
