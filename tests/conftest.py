@@ -31,7 +31,7 @@ _PREPARE = ("from iec_jax import data; from iec_jax.metrics import features;"
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_preparations(tmp_path_factory):
-    # In a child process: the workers themselves stay free of TensorFlow (test_data checks it).
+    # In a child process, so that neither worker keeps what the build and conversion import.
     import subprocess
     import sys
 
