@@ -42,3 +42,24 @@ def _shared_preparations(tmp_path_factory):
         done = subprocess.run([sys.executable, "-c", _PREPARE], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
     yield
+
+
+@pytest.fixture(scope="session")
+def fresh_python():
+    """``run(code, block=())``: ``code`` in a fresh interpreter (the repository root as its
+    working directory, JAX on the CPU), in which the modules named in ``block`` cannot be
+    imported; fails the test on a non-zero exit and returns the last line of its output.
+    For what a test's own process cannot show: which modules an import pulls in."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(code: str, block=()) -> str:
+        prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block)
+        done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+                              cwd=Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    return run

@@ -10,10 +10,7 @@ import dataclasses
 import functools
 import inspect
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -519,15 +516,8 @@ def test_config_validation(fields, match):
         AutoencoderConfig(**fields)
 
 
-def test_import_needs_no_torch():
-    code = (
-        "import sys\n"
-        "import iec_jax.models.autoencoder as ae\n"
-        "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules, 'imported torch'\n"
-        "print(ae.AutoencoderConfig.vq_f4().embed_dim)\n"
-    )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=Path(__file__).parents[1], env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "3"
+def test_import_needs_no_torch(fresh_python):
+    code = ("import iec_jax.models.autoencoder as ae\n"
+            "assert 'torch' not in sys.modules and 'safetensors' not in sys.modules, 'imported torch'\n"
+            "print(ae.AutoencoderConfig.vq_f4().embed_dim)\n")
+    assert fresh_python(code) == "3"

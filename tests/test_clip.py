@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import string
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -300,13 +298,10 @@ def test_model_input_checks(reference):
         clip.CLIPTextModel(config).apply({"params": params}, jnp.zeros((77,), jnp.int32))
 
 
-def test_import_is_torch_free():
-    code = (
-        "import sys, iec_jax, iec_jax.models.clip;"
-        " print(sorted(m for m in ('torch', 'tokenizers', 'transformers') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def test_import_is_torch_free(fresh_python):
+    code = ("import iec_jax, iec_jax.models.clip;"
+            " print(sorted(m for m in ('torch', 'tokenizers', 'transformers') if m in sys.modules))")
+    assert fresh_python(code) == "[]"
 
 
 # ----------------------------------------------------------------- tokenizer

@@ -11,7 +11,6 @@ import gzip
 import io
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -117,19 +116,15 @@ def test_download_checksums_are_tfds_registered_ones():
     assert infos[url].checksum == "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"
 
 
-def test_no_tensorflow_imported(data_dir):
+def test_no_tensorflow_imported(data_dir, fresh_python):
     # In a fresh process: the test extra installs TensorFlow (for TensorBoard files), and
     # other tests in this worker may import it legitimately; the data path itself must not.
-    import subprocess
-
-    code = ("import sys; from iec_jax import data;"
+    code = ("from iec_jax import data;"
             f" data.prepare('fashion_mnist', data_dir={data_dir!r}, download=False);"
             f" data.load_images('fashion_mnist', 'test', data_dir={data_dir!r});"
             f" next(data.batches('fashion_mnist', 'train', 8, seed=0, data_dir={data_dir!r}));"
             " print('tensorflow' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "False"
+    assert fresh_python(code) == "False"
 
 
 # --------------------------------------------------------------------------- the batches

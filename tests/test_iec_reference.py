@@ -68,6 +68,7 @@ def reference_official_ddpm(gm, schedule, ts, x_T, eta=0.0, noise=None, interval
         enable = cur_i in interval_seq
         max_iter = 2 if enable else 1
         n_taken = 0
+        y = None  # set at it == 0
         for it in range(max_iter):
             if it == 0:
                 if enable:

@@ -568,11 +568,7 @@ def test_latent_model_validation(built):
         dataclasses.replace(model, setting="lsun_bedroom", class_embedder=None)
 
 
-def test_import_is_torch_free():
-    import subprocess
-    import sys
-
-    code = ("import sys, iec_jax.models, iec_jax.models.ldm;"
+def test_import_is_torch_free(fresh_python):
+    code = ("import iec_jax.models, iec_jax.models.ldm;"
             " print(sorted(m for m in ('torch', 'safetensors', 'orbax', 'diffusers', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert fresh_python(code) == "[]"

@@ -11,9 +11,6 @@ import inspect
 import json
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -462,18 +459,12 @@ def test_interceptor_can_change_a_layer(torch_models):
 
 
 # ---------------------------------------------------------------- configs
-def test_import_needs_no_torch():
+def test_import_needs_no_torch(fresh_python):
     # A fresh interpreter in which torch, safetensors, diffusers and orbax cannot be imported.
-    code = (
-        "import sys\n"
-        "for name in ('torch', 'safetensors', 'diffusers', 'orbax'): sys.modules[name] = None\n"
-        "import iec_jax, iec_jax.models\n"
-        "from iec_jax.models import checkpoint, convert, layers, unet\n"
-        "print(iec_jax.models.UNetConfig.ddpm_cifar10().time_embed_dim)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "512"
+    code = ("import iec_jax, iec_jax.models\n"
+            "from iec_jax.models import checkpoint, convert, layers, unet\n"
+            "print(iec_jax.models.UNetConfig.ddpm_cifar10().time_embed_dim)\n")
+    assert fresh_python(code, block=("torch", "safetensors", "diffusers", "orbax")) == "512"
 
 
 def test_diffusers_defaults_table_is_current():

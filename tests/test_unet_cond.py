@@ -13,9 +13,6 @@ import functools
 import inspect
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -443,16 +440,10 @@ def test_interceptor_sees_every_layer(models):
 
 
 # ---------------------------------------------------------------- configs
-def test_import_needs_no_torch():
-    code = (
-        "import sys\n"
-        "for name in ('torch', 'safetensors', 'diffusers', 'orbax'): sys.modules[name] = None\n"
-        "from iec_jax.models import unet_cond\n"
-        "print(unet_cond.UNetConditionConfig.sd_v1().time_embed_dim)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "1280"
+def test_import_needs_no_torch(fresh_python):
+    code = ("from iec_jax.models import unet_cond\n"
+            "print(unet_cond.UNetConditionConfig.sd_v1().time_embed_dim)\n")
+    assert fresh_python(code, block=("torch", "safetensors", "diffusers", "orbax")) == "1280"
 
 
 def test_diffusers_defaults_table_is_current():

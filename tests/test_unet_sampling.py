@@ -2,7 +2,6 @@
 loop from the same x_T, and the sampling command."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
