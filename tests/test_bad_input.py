@@ -16,6 +16,8 @@ T2 = "configs/fmnist/table2.py:smoke"
 SAMPLE = "configs/fmnist/ddim.py:smoke"
 EVAL = "configs/fmnist/evaluate.py:smoke"
 TRAIN = "configs/fmnist/train.py:smoke"
+LSAMPLE = "configs/imagenet/sample.py:smoke"  # class-conditional, 10 classes at smoke size
+LTABLE = "configs/fmnist_ldm/table1.py:smoke"
 
 # (command, config, extra flags, what the one line must contain)
 CASES = [
@@ -43,6 +45,15 @@ CASES = [
     ("sample", SAMPLE, ["--config.iec.steps=head_tail"], "config.iec: IEC options ['steps'] given with preset='none'"),
     ("sample", SAMPLE, ["--config.model.dtype=float16"], "config.model.dtype: must be one of"),
     ("sample", SAMPLE, ["--config.sampler.eta=-0.5"], "config.sampler.eta: must be a number >= 0"),
+    ("sample", LSAMPLE, ["--config.guidance.classes=(1000,)"],
+     "config.guidance: class labels must lie in [0, 9] (the model's 10 classes; 10 is the null class), got [1000]"),
+    ("reproduce", LTABLE, ["--config.guidance.classes=(10,)"],
+     "config.guidance: class labels must lie in [0, 9] (the model's 10 classes; 10 is the null class), got [10]"),
+    ("sample", LSAMPLE, ["--config.guidance.classes=(-1,)"], "config.guidance.classes: must be an integer >= 0"),
+    ("sample", LSAMPLE, ["--config.guidance.scale=nan"], "config.guidance.scale: must be a finite number, got nan"),
+    ("sample", LSAMPLE, ["--config.guidance.scale=inf"], "config.guidance.scale: must be a finite number, got inf"),
+    ("reproduce", LTABLE, ["--config.ode.rtol=0"], "config.ode.rtol: must be a number > 0.0, got 0.0"),
+    ("reproduce", LTABLE, ["--config.ode.atol=-1e-3"], "config.ode.atol: must be a number > 0.0"),
     ("evaluate", EVAL, ["--config.eval.crop=-1"], "config.eval.crop: must be an integer >= 1"),
     ("evaluate", EVAL, ["--config.eval.dataset=imagenet"], "config.eval.dataset: must be"),
     ("evaluate", EVAL, ["--config.num_samples=0"], "config.num_samples: must be an integer >= 1"),

@@ -25,36 +25,22 @@ the latents again, ``latents.json``). The exported model:
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
-from absl import logging as absl_logging
 
 from iec_jax import data
 from iec_jax import train as train_lib
 from iec_jax import train_latent as latent_lib
 from iec_jax.io import write_json
 from iec_jax.models import count_params, save_checkpoint
+from iec_jax.run.cli import quiet_orbax_logs
 
 MODEL_DIR = "model"
 SUMMARY_FILE = "training.json"
-
-
-class _QuietOrbax(logging.Filter):
-    """Drops orbax's INFO chatter (a dozen lines per checkpoint) from the absl log."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-def _quiet_orbax_logs() -> None:
-    handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
-        handler.addFilter(_QuietOrbax())
 
 
 _CONFIG_TYPES = (train_lib.TrainConfig, latent_lib.AutoencoderTrainConfig, latent_lib.LatentUNetTrainConfig)
@@ -178,7 +164,7 @@ def run(config, workdir: str, *, progress: bool = True) -> dict:
     """Train as ``config`` (a config, or one of the validated configs :func:`settings`
     returns) says, resuming from ``workdir``; returns training.json's dict."""
     cfg = settings(config)
-    _quiet_orbax_logs()
+    quiet_orbax_logs()
     if isinstance(cfg, latent_lib.AutoencoderTrainConfig):
         return _run_autoencoder(config, cfg, workdir, progress)
     if isinstance(cfg, latent_lib.LatentUNetTrainConfig):

@@ -94,10 +94,12 @@ def run(config, workdir: str) -> list[dict]:
     (``config``: a table config or its :class:`TableSettings`)."""
     s = table_settings(config)
     start = time.time()
+    # The model first: a latent table's conditioning (class labels, prompts) is refused
+    # there, before anything is written or compiled.
+    table = Table(s, workdir)
     if distributed.is_main():
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, f"{s.table}_config.json"), dict(s.raw))
-    table = Table(s, workdir)
     key = dict(model=table.model_key, cache_point=list(s.cache_point), count="lowered HLO")
     if table.passes != 1:
         key["passes"] = table.passes
