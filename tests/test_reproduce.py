@@ -672,3 +672,28 @@ def test_progress_keeps_every_machine_a_resumed_row_ran_on(tmp_path):
     assert d["samples"] == 6 and d["seconds"] == 12.0
     assert d["nfe"] == 8.0 + 2 * 4 * 2
     assert host_cpu().strip()  # a name, never empty
+
+
+@pytest.mark.slow
+def test_ode_reference_does_not_depend_on_which_row_solves_it_first(tmp_path):
+    """A row on a finer grid with the same end points (DDIM-6 beside DDIM-4) shares the
+    ODE problem and its solution; run first, it must not leave its own grid's states as
+    the reference trajectory: the DDIM-4 rows run after it still get their error-growth
+    curve against the ODE, and it gets none."""
+    c = _config()
+    c.rows = [table_row("FP"), table_row("FP DDIM-6", num_steps=6, baseline="FP")]
+    c.ode.samples, c.ode.rtol, c.ode.atol = 2, 1e-2, 1e-2
+    c.bootstrap = 0
+    s = reproduce.table_settings(c)
+    table = reproduce.Table(s, str(tmp_path))
+    ts = [table.timesteps(r) for r in s.rows]
+    assert len(ts[0]) != len(ts[1]) and ts[0][0] == ts[1][0] and ts[0][-1] == ts[1][-1]
+    c.only = "FP DDIM-6"
+    fine = reproduce.run(c, str(tmp_path))[0]
+    c.only = "FP"
+    fp = reproduce.run(c, str(tmp_path))[0]
+    assert len(list((tmp_path / "ode").iterdir())) == 1  # one problem, solved once
+    assert np.isfinite(fine["l2_to_ode"]) and np.isfinite(fp["l2_to_ode"])
+    curve = json.loads((tmp_path / "rows" / "FP" / "error_growth_ode.json").read_text())["value"]
+    assert len(curve) == len(ts[0]) and all(np.isfinite(curve))
+    assert not (tmp_path / "rows" / "FP_DDIM-6" / "error_growth_ode.json").exists()

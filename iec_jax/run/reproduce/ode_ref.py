@@ -85,6 +85,12 @@ def ode_solution(table, row: RowSpec) -> Optional[dict]:
     keys = pipeline.per_sample_keys(jax.random.key(s.seed), indices)
     x_T, _ = pipeline.initial_noise(keys, table.shape)
     ts = table.timesteps(row)
+    ref_ts = table.timesteps(s.reference)
+    if ref_ts[0] == ts[0] and ref_ts[-1] == ts[-1]:
+        # The same ODE problem (the key): its states are kept at the reference row's grid,
+        # whichever row solves it first, so that a row on another grid (DDIM-110) gets no
+        # error-growth curve rather than taking the trajectory from the others.
+        ts = ref_ts
     m = min(s.trajectory_samples, n)
     # One solve: x_0 and, for the first m samples, the states at the row's timesteps (the
     # trajectory.npz layout); saving states does not change the solver's steps.

@@ -114,11 +114,12 @@ def plots(workdir: str, s: TableSettings, results: list[dict], curves: dict[str,
                 d = data.get(r["row"])
                 if d and any(d):
                     ax.semilogy(np.arange(1, len(d) + 1), d, label=r["row"],
-                                ls="--" if "IEC" in r["row"] else "-")
+                                ls="--" if "IEC" in r["row"] else ":" if "Heun" in r["row"] else "-")
             ax.set_xlabel("sampling step")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{s.name}: error growth {title}", fontsize=9)
-            ax.legend(fontsize=7, ncol=2)
+            if ax.get_legend_handles_labels()[0]:  # (a panel may hold no curve)
+                ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         with atomic_path(os.path.join(workdir, f"{s.table}_error_growth.png")) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
