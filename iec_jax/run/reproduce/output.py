@@ -110,10 +110,10 @@ def plots(workdir: str, s: TableSettings, results: list[dict], curves: dict[str,
     shown = [r["row"] for r in results if r["row"] in curves and any(curves[r["row"]])]
     if shown or ode_curves:  # the FP row's own curve against FP is zero
         for ax, (data, ylabel, title) in zip(axes[0], panels):
-            for r in results:
+            for i, r in enumerate(results):  # a row keeps its colour in both panels
                 d = data.get(r["row"])
                 if d and any(d):
-                    ax.semilogy(np.arange(1, len(d) + 1), d, label=r["row"],
+                    ax.semilogy(np.arange(1, len(d) + 1), d, label=r["row"], color=f"C{i % 10}",
                                 ls="--" if "IEC" in r["row"] else ":" if "Heun" in r["row"] else "-")
             ax.set_xlabel("sampling step")
             ax.set_ylabel(ylabel)
