@@ -18,6 +18,7 @@ Each script calls :func:`iec_jax.io.use_all_cpu_cores` before anything imports J
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable, NoReturn, Optional
@@ -25,20 +26,19 @@ from typing import Callable, NoReturn, Optional
 __all__ = ["run_job", "refuse", "flags_parser", "quiet_orbax_logs"]
 
 
+class _QuietOrbax(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def quiet_orbax_logs() -> None:
     """Drops orbax's INFO chatter (a dozen lines per checkpoint saved or loaded) from the
     absl log; its warnings and errors stay."""
-    import logging
-
     from absl import logging as absl_logging
 
-    class QuietOrbax(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
     handler = absl_logging.get_absl_handler()
-    if not any(type(f).__name__ == "QuietOrbax" for f in handler.filters):
-        handler.addFilter(QuietOrbax())
+    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+        handler.addFilter(_QuietOrbax())
 
 
 def refuse(what: str, error: BaseException) -> NoReturn:
@@ -101,8 +101,6 @@ def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
                      if v is None)
 
     def main(argv):
-        import logging
-
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing
         quiet_orbax_logs()  # loading a checkpoint: a dozen INFO lines
         if len(argv) > 1:
