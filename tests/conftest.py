@@ -30,17 +30,13 @@ _PREPARE = ("from iec_jax import data; from iec_jax.metrics import features;"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_preparations(tmp_path_factory):
+def _shared_preparations(tmp_path_factory, fresh_python):
     # In a child process, so that neither worker keeps what the build and conversion import.
-    import subprocess
-    import sys
-
     from filelock import FileLock
 
     lock = tmp_path_factory.getbasetemp().parent / "iec_jax_shared_preparations.lock"
     with FileLock(str(lock)):
-        done = subprocess.run([sys.executable, "-c", _PREPARE], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        fresh_python(_PREPARE)
     yield
 
 
