@@ -833,7 +833,8 @@ class Autoencoder(nn.Module):
     def init_params(self, key: jax.Array) -> Any:
         """Random parameters (PyTorch-default kernel init, zero biases), float32."""
         f = self.config.downsampling_factor
-        return self.init(key, jnp.zeros((1, f, f, self.config.in_channels), jnp.float32))["params"]
+        x = jnp.zeros((1, f, f, self.config.in_channels), jnp.float32)
+        return jax.jit(lambda k: self.init(k, x)["params"])(key)  # one compile, not one per op
 
 
 def latent_to_diffusion(latent: jax.Array, config: AutoencoderConfig) -> jax.Array:

@@ -421,7 +421,7 @@ class CLIPTextModel(nn.Module):
     def init_params(self, key: jax.Array) -> Any:
         """Random parameters (embeddings N(0, 0.02), PyTorch-default linear init), float32."""
         ids = jnp.zeros((1, self.config.max_position_embeddings), jnp.int32)
-        return self.init(key, ids)["params"]
+        return jax.jit(lambda k: self.init(k, ids)["params"])(key)  # one compile, not one per op
 
 
 # ------------------------------------------------------------------------- conversion

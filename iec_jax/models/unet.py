@@ -1059,7 +1059,7 @@ class UNet(nn.Module):
         height, width = (size, size) if isinstance(size, int) else size
         x = jnp.zeros((batch_size, height, width, self.config.in_channels), jnp.float32)
         t = jnp.zeros((batch_size,), jnp.int32)
-        return self.init(key, x, t)["params"]
+        return jax.jit(lambda k: self.init(k, x, t)["params"])(key)  # one compile, not one per op
 
 
 def count_params(params) -> int:

@@ -976,7 +976,7 @@ class UNetCondition(nn.Module):
         x = jnp.zeros((batch_size, size, size, self.config.in_channels), jnp.float32)
         t = jnp.zeros((batch_size,), jnp.int32)
         context = jnp.zeros((batch_size, n_tokens, self.config.cross_attention_dim), jnp.float32)
-        return self.init(key, x, t, context)["params"]
+        return jax.jit(lambda k: self.init(k, x, t, context)["params"])(key)  # one compile, not one per op
 
 
 class ClassEmbedder(nn.Module):
