@@ -11,7 +11,6 @@ its batch size). Prints one line per setting (median of ``--repeats`` timed runs
 compile) and, with ``--out``, writes them as JSON.
 """
 
-import os
 
 from iec_jax.io import use_all_cpu_cores
 

@@ -43,8 +43,9 @@ USAGE = ("usage: python -m experiments.bundle pack --out DIR [--model M --datase
 
 def main(argv):
     from iec_jax.run import bundle
-    from iec_jax.run.cli import refuse
+    from iec_jax.run.cli import quiet_library_logs, refuse
 
+    quiet_library_logs()
     command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
     try:
         if command == "pack":

@@ -140,8 +140,9 @@ def _convert_latent_model():
 
 
 def main(argv):
-    from iec_jax.run.cli import refuse
+    from iec_jax.run.cli import quiet_library_logs, refuse
 
+    quiet_library_logs()
     if len(argv) > 1:
         refuse("convert", ValueError(f"unexpected arguments {argv[1:]}"))
     try:

@@ -25,8 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/recon", "Output folder.")
 def main(argv):
     from iec_jax.io import enable_compilation_cache
     from iec_jax.run import reconstruct
-    from iec_jax.run.cli import refuse
+    from iec_jax.run.cli import quiet_library_logs, refuse
 
+    quiet_library_logs()
     if len(argv) > 1:
         refuse("reconstruct", ValueError(f"unexpected arguments {argv[1:]}"))
     enable_compilation_cache()

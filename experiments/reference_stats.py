@@ -26,6 +26,9 @@ _OTHER = flags.DEFINE_string("fid_against", None, "Also print the FID/sFID of --
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from iec_jax.run.cli import quiet_library_logs
+
+    quiet_library_logs()
     enable_compilation_cache()
     from iec_jax import metrics
 

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Callable, NoReturn, Optional
 
-__all__ = ["run_job", "refuse", "flags_parser", "quiet_orbax_logs"]
+__all__ = ["run_job", "refuse", "flags_parser", "quiet_orbax_logs", "quiet_library_logs"]
 
 
 class _QuietOrbax(logging.Filter):
@@ -39,6 +39,13 @@ def quiet_orbax_logs() -> None:
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
         handler.addFilter(_QuietOrbax())
+
+
+def quiet_library_logs() -> None:
+    """What every command calls first: JAX's backend probing ("Unable to initialize backend
+    'tpu'" on a CPU machine) and orbax's INFO chatter kept out of the absl log."""
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    quiet_orbax_logs()
 
 
 def refuse(what: str, error: BaseException) -> NoReturn:
@@ -101,8 +108,7 @@ def run_job(job: Callable, *, what: str, settings: Optional[Callable] = None,
                      if v is None)
 
     def main(argv):
-        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # backend probing
-        quiet_orbax_logs()  # loading a checkpoint: a dozen INFO lines
+        quiet_library_logs()
         if len(argv) > 1:
             refuse(f"{what} flags", ValueError(f"unexpected arguments {argv[1:]}"))
         try:
