@@ -42,17 +42,19 @@ def _shared_preparations(tmp_path_factory, fresh_python):
 
 @pytest.fixture(scope="session")
 def fresh_python():
-    """``run(code, block=())``: ``code`` in a fresh interpreter (the repository root as its
-    working directory, JAX on the CPU), in which the modules named in ``block`` cannot be
-    imported; fails the test on a non-zero exit and returns the last line of its output.
-    For what a test's own process cannot show: which modules an import pulls in."""
+    """``run(code, block=(), stdin="")``: ``code`` in a fresh interpreter (the repository
+    root as its working directory, JAX on the CPU, ``stdin`` its standard input), in which
+    the modules named in ``block`` cannot be imported; fails the test on a non-zero exit
+    and returns the last line of its output. For what a test's own process cannot show:
+    which modules an import pulls in, how a command line exits."""
     import subprocess
     import sys
     from pathlib import Path
 
-    def run(code: str, block=()) -> str:
+    def run(code: str, block=(), stdin: str = "") -> str:
         prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block)
-        done = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-c", prelude + code], input=stdin,
+                              capture_output=True, text=True,
                               cwd=Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert done.returncode == 0, done.stderr[-3000:]
         lines = done.stdout.strip().splitlines()

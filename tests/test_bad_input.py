@@ -116,25 +116,21 @@ print(json.dumps(out))
 """
 
 
-def _run_forked(commands):
+def _run_forked(fresh_python, commands):
     """``[(exit status, stderr)]`` of ``python -m experiments.<command> ...`` for each
     argument list in ``commands`` (as :func:`_command` builds them)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", _FORKED_COMMANDS], cwd=ROOT, env=env,
-                          input=json.dumps([args[2:] for args in commands]),
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [tuple(r) for r in json.loads(done.stdout.strip().splitlines()[-1])]
+    listed = json.dumps([args[2:] for args in commands])
+    return [tuple(r) for r in json.loads(fresh_python(_FORKED_COMMANDS, stdin=listed))]
 
 
 @pytest.mark.slow
-def test_bad_input_is_refused_in_one_line_with_nothing_written(tmp_path):
+def test_bad_input_is_refused_in_one_line_with_nothing_written(tmp_path, fresh_python):
     assert len(CASES) >= 20
     jobs = []
     for i, (cmd, config, extra, want) in enumerate(CASES):
         work = tmp_path / f"case{i}"
         jobs.append((work, want, _command(cmd, config, extra, work)))
-    done = _run_forked([args for _, _, args in jobs])
+    done = _run_forked(fresh_python, [args for _, _, args in jobs])
     failures = []
     for (work, want, args), (status, stderr) in zip(jobs, done):
         lines = stderr.strip().splitlines()
