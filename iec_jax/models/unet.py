@@ -81,6 +81,7 @@ __all__ = [
     "cached_feature_shape",
     "timestep_embedding",
     "count_params",
+    "deepcache_forward",
     "DIFFUSERS_DEFAULTS",
 ]
 
@@ -991,64 +992,8 @@ class UNet(nn.Module):
         Returns:
           ε of shape (b, h, w, out_channels) in x's dtype, or ``(ε, feature)``.
         """
-        cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-            raise ValueError(f"UNet: x must be (b, h, w, {cfg.in_channels}) NHWC, got shape {x.shape}")
-        factor = 2 ** (cfg.num_levels - 1)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"UNet: height and width must be divisible by {factor}, got {x.shape[1:3]}")
-        t = jnp.asarray(t)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, x.shape[:1])
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"UNet: t must have shape ({x.shape[0]},), got {t.shape}")
-        partial = cached_feature is not None
-        if partial or return_feature:
-            cache_point = validate_cache_point(cfg, cache_point)
-
-        temb = self.time_embedding(
-            timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        )
-        h = x.astype(self.dtype)
-        if cfg.center_input_sample:
-            h = 2 * h - 1.0
-
-        # Down path. skips = [conv_in, down-block outputs...] in production order.
-        needed = num_skips_needed(cfg, cache_point) if partial else None
-        h = self.conv_in(h)
-        skips = [h]
-        for block in self.down_blocks:
-            if partial and len(skips) >= needed:
-                break
-            h, outputs = block(h, temb, train=train, num_outputs=None if needed is None else needed - len(skips))
-            skips.extend(outputs)
-
-        feature = None
-        if partial:
-            expected = cached_feature_shape(cfg, cache_point, x.shape)
-            if tuple(cached_feature.shape) != expected:
-                raise ValueError(
-                    f"UNet: cached_feature for {cache_point} must have shape {expected}, got {cached_feature.shape}"
-                )
-            h = feature = cached_feature.astype(self.dtype)
-            first_block, first_resnet = cache_point
-        else:
-            h = self.mid_block(h, temb, train=train)
-            first_block, first_resnet = 0, 0
-
-        # Up path from (first_block, first_resnet): block i consumes its skips from the end.
-        for i in range(first_block, cfg.num_levels):
-            start = first_resnet if i == first_block else 0
-            n = cfg.layers_per_block + 1 - start
-            block_skips, skips = tuple(skips[-n:]), skips[:-n]
-            capture = cache_point.resnet if return_feature and not partial and i == cache_point.up_block else None
-            h, captured = self.up_blocks[i](h, block_skips, temb, train=train, start=start, capture=capture)
-            if captured is not None:
-                feature = captured
-        assert not skips, f"{len(skips)} skip connections left unused"
-
-        eps = self.conv_out(nn.silu(self.conv_norm_out(h))).astype(x.dtype)
-        return (eps, feature) if return_feature else eps
+        return deepcache_forward(self, x, t, (), train=train, cache_point=cache_point,
+                                 cached_feature=cached_feature, return_feature=return_feature)
 
     @nn.nowrap
     def init_params(self, key: jax.Array, batch_size: int = 1) -> Any:
@@ -1061,6 +1006,71 @@ class UNet(nn.Module):
         t = jnp.zeros((batch_size,), jnp.int32)
         return jax.jit(lambda k: self.init(k, x, t)["params"])(key)  # one compile, not one per op
 
+
+
+def deepcache_forward(unet, x, t, extra: tuple, *, train, cache_point, cached_feature, return_feature):
+    """The forward pass shared by :class:`UNet` and ``UNetCondition`` (called inside their
+    ``__call__``): checks of ``x`` and ``t``, the time embedding, the down path (only the
+    skips a partial pass needs), the middle block or a cached feature, the up path from the
+    cache point, the output head. ``extra`` (the conditioning context, or nothing) is passed
+    to every block after ``temb``."""
+    cfg, name = unet.config, type(unet).__name__
+    if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+        raise ValueError(f"{name}: x must be (b, h, w, {cfg.in_channels}) NHWC, got shape {x.shape}")
+    factor = 2 ** (cfg.num_levels - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+        raise ValueError(f"{name}: height and width must be divisible by {factor}, got {x.shape[1:3]}")
+    t = jnp.asarray(t)
+    if t.ndim == 0:
+        t = jnp.broadcast_to(t, x.shape[:1])
+    if t.shape != x.shape[:1]:
+        raise ValueError(f"{name}: t must have shape ({x.shape[0]},), got {t.shape}")
+    partial = cached_feature is not None
+    if partial or return_feature:
+        cache_point = validate_cache_point(cfg, cache_point)
+
+    temb = unet.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift))
+    h = x.astype(unet.dtype)
+    if cfg.center_input_sample:
+        h = 2 * h - 1.0
+
+    # Down path. skips = [conv_in, down-block outputs...] in production order.
+    needed = num_skips_needed(cfg, cache_point) if partial else None
+    h = unet.conv_in(h)
+    skips = [h]
+    for block in unet.down_blocks:
+        if partial and len(skips) >= needed:
+            break
+        num_outputs = None if needed is None else needed - len(skips)
+        h, outputs = block(h, temb, *extra, train=train, num_outputs=num_outputs)
+        skips.extend(outputs)
+
+    feature = None
+    if partial:
+        expected = cached_feature_shape(cfg, cache_point, x.shape)
+        if tuple(cached_feature.shape) != expected:
+            raise ValueError(
+                f"{name}: cached_feature for {cache_point} must have shape {expected}, got {cached_feature.shape}"
+            )
+        h = feature = cached_feature.astype(unet.dtype)
+        first_block, first_resnet = cache_point
+    else:
+        h = unet.mid_block(h, temb, *extra, train=train)
+        first_block, first_resnet = 0, 0
+
+    # Up path from (first_block, first_resnet): block i consumes its skips from the end.
+    for i in range(first_block, cfg.num_levels):
+        start = first_resnet if i == first_block else 0
+        n = cfg.layers_per_block + 1 - start
+        block_skips, skips = tuple(skips[-n:]), skips[:-n]
+        capture = cache_point.resnet if return_feature and not partial and i == cache_point.up_block else None
+        h, captured = unet.up_blocks[i](h, block_skips, temb, *extra, train=train, start=start, capture=capture)
+        if captured is not None:
+            feature = captured
+    assert not skips, f"{len(skips)} skip connections left unused"
+
+    eps = unet.conv_out(nn.silu(unet.conv_norm_out(h))).astype(x.dtype)
+    return (eps, feature) if return_feature else eps
 
 def count_params(params) -> int:
     """Number of scalar parameters in a pytree."""

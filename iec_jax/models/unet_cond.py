@@ -117,9 +117,8 @@ from iec_jax.models.unet import (
     Upsample2D,
     cached_feature_shape,
     count_params,
+    deepcache_forward,
     num_skips_needed,
-    timestep_embedding,
-    validate_cache_point,
 )
 
 __all__ = [
@@ -899,74 +898,16 @@ class UNetCondition(nn.Module):
           ε of shape (b, h, w, out_channels) in x's dtype, or ``(ε, feature)``.
         """
         cfg = self.config
-        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
-            raise ValueError(f"UNetCondition: x must be (b, h, w, {cfg.in_channels}) NHWC, got shape {x.shape}")
-        factor = 2 ** (cfg.num_levels - 1)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"UNetCondition: height and width must be divisible by {factor}, got {x.shape[1:3]}")
-        t = jnp.asarray(t)
-        if t.ndim == 0:
-            t = jnp.broadcast_to(t, x.shape[:1])
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"UNetCondition: t must have shape ({x.shape[0]},), got {t.shape}")
         context = jnp.asarray(context)
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.cross_attention_dim:
             raise ValueError(
                 f"UNetCondition: context must be ({x.shape[0]}, n_tokens, {cfg.cross_attention_dim}),"
                 f" got {context.shape}"
             )
-        context = context.astype(self.dtype)
-        partial = cached_feature is not None
         if cache_point is None:
             cache_point = ldm_cache_point(cfg)
-        if partial or return_feature:
-            cache_point = validate_cache_point(cfg, cache_point)
-
-        temb = self.time_embedding(
-            timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        )
-        h = x.astype(self.dtype)
-        if cfg.center_input_sample:
-            h = 2 * h - 1.0
-
-        # Down path. skips = [conv_in, down-block outputs...] in production order.
-        needed = num_skips_needed(cfg, cache_point) if partial else None
-        h = self.conv_in(h)
-        skips = [h]
-        for block in self.down_blocks:
-            if partial and len(skips) >= needed:
-                break
-            num_outputs = None if needed is None else needed - len(skips)
-            h, outputs = block(h, temb, context, train=train, num_outputs=num_outputs)
-            skips.extend(outputs)
-
-        feature = None
-        if partial:
-            expected = cached_feature_shape(cfg, cache_point, x.shape)
-            if tuple(cached_feature.shape) != expected:
-                raise ValueError(
-                    f"UNetCondition: cached_feature for {cache_point} must have shape {expected},"
-                    f" got {cached_feature.shape}"
-                )
-            h = feature = cached_feature.astype(self.dtype)
-            first_block, first_resnet = cache_point
-        else:
-            h = self.mid_block(h, temb, context, train=train)
-            first_block, first_resnet = 0, 0
-
-        # Up path from (first_block, first_resnet): block i consumes its skips from the end.
-        for i in range(first_block, cfg.num_levels):
-            start = first_resnet if i == first_block else 0
-            n = cfg.layers_per_block + 1 - start
-            block_skips, skips = tuple(skips[-n:]), skips[:-n]
-            capture = cache_point.resnet if return_feature and not partial and i == cache_point.up_block else None
-            h, captured = self.up_blocks[i](h, block_skips, temb, context, train=train, start=start, capture=capture)
-            if captured is not None:
-                feature = captured
-        assert not skips, f"{len(skips)} skip connections left unused"
-
-        eps = self.conv_out(nn.silu(self.conv_norm_out(h))).astype(x.dtype)
-        return (eps, feature) if return_feature else eps
+        return deepcache_forward(self, x, t, (context.astype(self.dtype),), train=train, cache_point=cache_point,
+                                 cached_feature=cached_feature, return_feature=return_feature)
 
     @nn.nowrap
     def init_params(self, key: jax.Array, batch_size: int = 1, n_tokens: int = 1) -> Any:
