@@ -133,14 +133,9 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 
-# TrainConfig field -> its path in the ml_collections config (used in every error message).
-_CONFIG_PATHS = {
-    "unet": "model.unet",
-    "dtype": "model.dtype",
-    "schedule_kind": "schedule.kind",
-    "beta_start": "schedule.beta_start",
-    "beta_end": "schedule.beta_end",
-    "num_timesteps": "schedule.num_timesteps",
+# Fields of every trainer's data, optimizer, EMA and loop -> their paths in the
+# ml_collections config (used in every error message; the latent trainers share them).
+OPTIMIZATION_PATHS = {
     "dataset": "data.dataset",
     "split": "data.split",
     "data_dir": "data.data_dir",
@@ -162,6 +157,14 @@ _CONFIG_PATHS = {
     "checkpoint_every": "training.checkpoint_every",
     "keep_checkpoints": "training.keep_checkpoints",
 }
+SCHEDULE_PATHS = {
+    "schedule_kind": "schedule.kind",
+    "beta_start": "schedule.beta_start",
+    "beta_end": "schedule.beta_end",
+    "num_timesteps": "schedule.num_timesteps",
+}
+# TrainConfig field -> its path in the ml_collections config.
+_CONFIG_PATHS = {"unet": "model.unet", "dtype": "model.dtype", **SCHEDULE_PATHS, **OPTIMIZATION_PATHS}
 
 # Fields a resumed run may change (everything else must equal the workdir's config.json).
 # num_steps may change only with the constant learning-rate schedule.

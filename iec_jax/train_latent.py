@@ -141,30 +141,7 @@ FALLBACK_FORMAT = "iec_jax.trained_latent_model"
 _LABEL_DROPOUT_STREAM = 2  # default_rng([seed, step, 2]); the data loader uses 0 and 1 per epoch
 
 # Fields every latent trainer shares -> their config paths.
-_COMMON_PATHS = {
-    "trainer": "trainer",
-    "dtype": "model.dtype",
-    "dataset": "data.dataset",
-    "split": "data.split",
-    "data_dir": "data.data_dir",
-    "flip": "data.flip",
-    "learning_rate": "optimizer.learning_rate",
-    "lr_schedule": "optimizer.lr_schedule",
-    "warmup_steps": "optimizer.warmup_steps",
-    "b1": "optimizer.b1",
-    "b2": "optimizer.b2",
-    "eps": "optimizer.eps",
-    "weight_decay": "optimizer.weight_decay",
-    "grad_clip_norm": "optimizer.grad_clip_norm",
-    "ema_decay": "ema.decay",
-    "ema_warmup": "ema.warmup",
-    "seed": "seed",
-    "batch_size": "training.batch_size",
-    "num_steps": "training.num_steps",
-    "log_every": "training.log_every",
-    "checkpoint_every": "training.checkpoint_every",
-    "keep_checkpoints": "training.keep_checkpoints",
-}
+_COMMON_PATHS = {"trainer": "trainer", "dtype": "model.dtype", **train_lib.OPTIMIZATION_PATHS}
 _AUTOENCODER_PATHS = {
     **_COMMON_PATHS,
     "autoencoder": "model.autoencoder",
@@ -179,13 +156,10 @@ _LATENT_UNET_PATHS = {
     "num_classes": "conditioning.num_classes",
     "null_class": "conditioning.null_class",
     "label_dropout": "conditioning.label_dropout",
-    "schedule_kind": "schedule.kind",
-    "beta_start": "schedule.beta_start",
-    "beta_end": "schedule.beta_end",
-    "num_timesteps": "schedule.num_timesteps",
+    **train_lib.SCHEDULE_PATHS,
     "encode_batch_size": "training.encode_batch_size",
 }
-_BOOKKEEPING = frozenset({"num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "data_dir"})
+_BOOKKEEPING = train_lib.RESUMABLE_CHANGES  # what any resumed run may change
 
 
 def _is_int(value) -> bool:
