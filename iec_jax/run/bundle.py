@@ -31,7 +31,7 @@ __all__ = ["pack", "archive", "merge", "machine_description", "SMALL_FILES"]
 # What travels in an archive: every file with these suffixes or name endings.
 _SMALL_SUFFIXES = (".md", ".csv", ".png", ".log")
 SMALL_FILES = ("_result.json", "_config.json", "progress.json", "row.json", "metrics.json",
-               "l2.json", "error_growth.json", "flops.json", "fid_inf.json")
+               "l2.json", "error_growth.json", "flops.json", "fid_inf.json", "gain_ci.json")
 
 
 def machine_description() -> str:

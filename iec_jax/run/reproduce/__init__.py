@@ -15,7 +15,8 @@ For every row the job writes, under ``<workdir>/rows/<row>/``: ``row.json`` (wha
 samples depend on; a directory of other settings is refused), the sample and feature
 shards, ``progress.json``, ``row_config.json`` (the whole config of every run that
 sampled or evaluated it), ``trajectory.npz``, and the small caches ``metrics.json``,
-``l2.json``, ``error_growth.json`` and, with ``fid_infinity``, ``fid_inf.json``. A row
+``l2.json``, ``error_growth.json``, ``gain_ci.json`` (the paired-bootstrap interval
+against its baseline) and, with ``fid_infinity``, ``fid_inf.json``. A row
 whose metrics are cached is assembled from these small files alone, so a table can be
 assembled from rows computed on other machines (``experiments.bundle merge``).
 For the whole table (``table``, e.g. ``table1``): ``table1.md``, ``.csv``,
@@ -169,6 +170,7 @@ def run(config, workdir: str) -> list[dict]:
             device=p.data.get("device"), devices=p.data.get("devices"))
         print("  " + ", ".join(f"{k}={fmt(v, 4)}" for k, v in out[row.name].items()
                                if k in ("fid", "sfid", "l2_to_fp", "nfe")), flush=True)
+    specs = {row.name: row for row in s.rows}
     for r in out.values():
         b = out.get(r["baseline"])
         r["gain_ci95"] = None
@@ -176,10 +178,9 @@ def run(config, workdir: str) -> list[dict]:
             r["gain"] = (b["fid"] - r["fid"]) / b["fid"]
             if r["fid_inf"] is not None and b["fid_inf"] is not None:
                 r["gain_inf"] = (b["fid_inf"] - r["fid_inf"]) / b["fid_inf"]
-            if (s.bootstrap and r["row"] in pools and b["row"] in pools
-                    and pools[r["row"]].shape == pools[b["row"]].shape):
-                r["gain_ci95"] = paired_bootstrap_gain(
-                    pools[b["row"]], pools[r["row"]], refstats, replicates=s.bootstrap)
+            if s.bootstrap:
+                r["gain_ci95"] = _gain_interval(workdir, table, specs[r["row"]], specs[b["row"]], pools,
+                                                refstats, mkey, s.bootstrap)
     distributed.barrier("rows done")
     if not distributed.is_main():
         return []
@@ -190,6 +191,22 @@ def run(config, workdir: str) -> list[dict]:
     print(f"table: {md} ({time.time() - start:.0f} s)")
     print(Path(md).read_text())
     return results
+
+
+def _gain_interval(workdir: str, table: Table, row: RowSpec, base: RowSpec, pools: dict,
+                   refstats: dict, mkey: dict, replicates: int):
+    """The row's paired-bootstrap interval against its baseline, kept in the row's
+    ``gain_ci.json`` (keyed by the metrics settings, the baseline's sample settings and the
+    replicate count, so that assembling a table again, or from the small files alone,
+    does not redo it); None where it is not cached and the features are not at hand."""
+    def compute():
+        a, b = pools.get(base.name), pools.get(row.name)
+        if a is None or b is None or a.shape != b.shape:
+            return None
+        return list(paired_bootstrap_gain(a, b, refstats, replicates=replicates))
+
+    key = dict(mkey, baseline=table.row_meta(base), replicates=int(replicates))
+    return cached(os.path.join(workdir, "rows", row.slug, "gain_ci.json"), key, compute)
 
 
 def calibrate(config, workdir: str) -> dict[str, str]:
