@@ -17,24 +17,9 @@ import pytest
 import iec_jax
 from iec_jax import oracle
 from iec_jax.sampling import ddim_step, step_coefficients
+from mixture64 import np_eps
 
 SHAPE = (2, 2)
-
-
-def np_eps(gm, x, a):
-    """E[ε | x_t] of a mixture by dense float64 linear algebra; x: (n, d)."""
-    d = x.shape[1]
-    logs, sols = [], []
-    for w, mu, cov in zip(gm.weights, gm.means, gm.covs):
-        c = a * cov + (1 - a) * np.eye(d)
-        diff = x - math.sqrt(a) * mu
-        sol = np.linalg.solve(c, diff.T).T
-        logs.append(math.log(w) - 0.5 * (np.sum(diff * sol, 1) + np.linalg.slogdet(c)[1]))
-        sols.append(sol)
-    logs = np.stack(logs, 1)
-    r = np.exp(logs - logs.max(1, keepdims=True))
-    r /= r.sum(1, keepdims=True)
-    return math.sqrt(1 - a) * np.einsum("nk,knd->nd", r, np.stack(sols))
 
 
 def reference_heun(gm, schedule, ts, x_T):

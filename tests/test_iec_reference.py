@@ -15,29 +15,13 @@ import pytest
 
 import iec_jax
 from iec_jax import oracle
+from mixture64 import np_eps
 
 SHAPE = (4, 4, 1)
 N = 24
 
 
 # --------------------------------------------------------- float64 references
-def np_eps(gm: oracle.GaussianMixture, x, a):
-    """E[ε | x_t] of the mixture by dense float64 linear algebra. x: (n, d)."""
-    d = x.shape[1]
-    logs, sols = [], []
-    for w, mu, cov in zip(gm.weights, gm.means, gm.covs):
-        c = a * cov + (1 - a) * np.eye(d)
-        diff = x - math.sqrt(a) * mu
-        sol = np.linalg.solve(c, diff.T).T
-        _, logdet = np.linalg.slogdet(c)
-        logs.append(math.log(w) - 0.5 * (np.sum(diff * sol, 1) + logdet + d * math.log(2 * math.pi)))
-        sols.append(sol)
-    logs = np.stack(logs, 1)
-    r = np.exp(logs - logs.max(1, keepdims=True))
-    r /= r.sum(1, keepdims=True)
-    return math.sqrt(1 - a) * np.einsum("nk,knd->nd", r, np.stack(sols))
-
-
 def frob(v):
     return math.sqrt(float(np.sum(v * v)))
 

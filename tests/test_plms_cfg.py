@@ -23,6 +23,7 @@ import iec_jax
 from iec_jax import oracle
 from iec_jax.models import unet_cond
 from iec_jax.models.unet_cond import UNetCondition, UNetConditionConfig
+from mixture64 import np_eps
 
 SHAPE = (2, 2)
 B = 6
@@ -36,22 +37,6 @@ COND = np.array([[0.0, 1.0], [0.3, 0.7], [0.0, 1.0], [0.6, 0.4], [0.1, 0.9], [0.
 
 
 # ----------------------------------------------------------- float64 references
-def np_eps(gm, x, a):
-    """E[ε | x_t] of a mixture by dense float64 linear algebra; x: (n, d)."""
-    d = x.shape[1]
-    logs, sols = [], []
-    for w, mu, cov in zip(gm.weights, gm.means, gm.covs):
-        c = a * cov + (1 - a) * np.eye(d)
-        diff = x - math.sqrt(a) * mu
-        sol = np.linalg.solve(c, diff.T).T
-        logs.append(math.log(w) - 0.5 * (np.sum(diff * sol, 1) + np.linalg.slogdet(c)[1]))
-        sols.append(sol)
-    logs = np.stack(logs, 1)
-    r = np.exp(logs - logs.max(1, keepdims=True))
-    r /= r.sum(1, keepdims=True)
-    return math.sqrt(1 - a) * np.einsum("nk,knd->nd", r, np.stack(sols))
-
-
 def model64(x, a, c):
     """The conditional model: context c = (weight of mixture 0, weight of mixture 1)."""
     return c[:, :1] * np_eps(GMS[0], x, a) + c[:, 1:] * np_eps(GMS[1], x, a)
