@@ -25,49 +25,12 @@ from diffusers.models.attention_processor import Attention as TorchAttention
 
 from iec_jax.models import convert
 from iec_jax.models.convert_compvis import compvis_unet_to_diffusers, params_from_compvis_unet
-from iec_jax.models.unet import UNet, UNetConfig
+from iec_jax.models.unet import UNet
+from lsun_small import BEDROOM_SMALL, CHURCH_SMALL, QK_STD
 
 PREFIX = "model.diffusion_model."
 TOL = 1e-4
-QK_STD = 0.25  # peaky attention (see test_unet_lsun.py)
 
-BEDROOM_SMALL = UNetConfig(
-    sample_size=16,
-    in_channels=3,
-    out_channels=3,
-    freq_shift=0,
-    flip_sin_to_cos=True,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(32, 64, 96),
-    layers_per_block=2,
-    downsample_padding=1,
-    dropout=0.0,
-    attention_head_dim=16,
-    norm_num_groups=8,
-    norm_eps=1e-5,
-)
-CHURCH_SMALL = UNetConfig(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    freq_shift=0,
-    flip_sin_to_cos=True,
-    down_block_types=("AttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("ResnetUpsampleBlock2D",) + ("AttnUpBlock2D",) * 3,
-    block_out_channels=(32, 64, 64, 128),
-    layers_per_block=2,
-    downsample_padding=1,
-    dropout=0.0,
-    attention_head_dim=8,
-    norm_num_groups=8,
-    attn_norm_num_groups=16,
-    norm_eps=1e-5,
-    resnet_time_scale_shift="scale_shift",
-    downsample_type="resnet",
-    upsample_type="resnet",
-    num_attention_heads=8,
-)
 LSUN = {"bedroom": BEDROOM_SMALL, "church": CHURCH_SMALL}
 
 # Reduced SpatialTransformer UNets: SD v1 (attention on all but the deepest level) and
