@@ -54,7 +54,7 @@ def fresh_python():
     def run(code: str, block=(), stdin: str = "") -> str:
         prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block)
         done = subprocess.run([sys.executable, "-c", prelude + code], input=stdin,
-                              capture_output=True, text=True,
+                              capture_output=True, text=True, timeout=900,
                               cwd=Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
         assert done.returncode == 0, done.stderr[-3000:]
         lines = done.stdout.strip().splitlines()
