@@ -159,7 +159,6 @@ _LATENT_UNET_PATHS = {
     **train_lib.SCHEDULE_PATHS,
     "encode_batch_size": "training.encode_batch_size",
 }
-_BOOKKEEPING = train_lib.RESUMABLE_CHANGES  # what any resumed run may change
 
 
 def _is_int(value) -> bool:
@@ -265,7 +264,7 @@ class AutoencoderTrainConfig(_LatentTrainCommon):
 
     TRAINER: ClassVar[str] = AUTOENCODER_TRAINER
     PATHS: ClassVar[Mapping[str, str]] = _AUTOENCODER_PATHS
-    RESUMABLE_CHANGES: ClassVar[frozenset] = _BOOKKEEPING | {"eval_examples"}
+    RESUMABLE_CHANGES: ClassVar[frozenset] = train_lib.RESUMABLE_CHANGES | {"eval_examples"}
 
     autoencoder: AutoencoderConfig
     kl_weight: float = 1e-6
@@ -338,7 +337,7 @@ class LatentUNetTrainConfig(_LatentTrainCommon):
     TRAINER: ClassVar[str] = LATENT_UNET_TRAINER
     PATHS: ClassVar[Mapping[str, str]] = _LATENT_UNET_PATHS
     # The autoencoder may move: its content is checked by fingerprint (latents.json).
-    RESUMABLE_CHANGES: ClassVar[frozenset] = _BOOKKEEPING | {"autoencoder"}
+    RESUMABLE_CHANGES: ClassVar[frozenset] = train_lib.RESUMABLE_CHANGES | {"autoencoder"}
 
     unet: UNetConditionConfig
     autoencoder: str

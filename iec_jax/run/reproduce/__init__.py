@@ -64,7 +64,7 @@ def _main_first(name: str, fn):
 
 def _evaluate_row(s, table, row, rowdir, started, refstats, mkey, budget_left: bool):
     """``(metrics, features or None, Progress)`` of a row, sampling and evaluating it
-    unless its metrics are cached; None when it is not evaluated and out of time. In a
+    unless its metrics are cached (then without its features: what needs them reads them); None when it is not evaluated and out of time. In a
     multi-process run the other processes return ``(None, None, None)`` after sampling
     their shards: process 0 evaluates."""
     m = read_cached(os.path.join(rowdir, "metrics.json"), mkey)
@@ -75,8 +75,7 @@ def _evaluate_row(s, table, row, rowdir, started, refstats, mkey, budget_left: b
         m = None
     if m is not None:  # evaluated earlier (maybe elsewhere): its small files suffice
         check_row_dir(rowdir, table.row_meta(row))
-        feats = complete_features(rowdir, s) if s.bootstrap else None
-        return m, feats, Progress(os.path.join(rowdir, "progress.json"))
+        return m, None, Progress(os.path.join(rowdir, "progress.json"))
     if not budget_left:
         return None
     res = run_row(table, row, rowdir, started)
@@ -133,7 +132,7 @@ def run(config, workdir: str) -> list[dict]:
         m, feats, p = got
         if m is None:  # another process of a multi-process run: process 0 evaluates
             continue
-        if feats is not None and s.bootstrap:  # kept for the paired bootstrap only
+        if feats is not None and s.bootstrap:  # kept for the paired bootstrap
             pools[row.name] = feats["pool"]
         l2 = cached(os.path.join(rowdir, "l2.json"), ref_key, lambda: l2_to(rowdir, refdir, s))
         l2_ode = None
@@ -198,9 +197,17 @@ def _gain_interval(workdir: str, table: Table, row: RowSpec, base: RowSpec, pool
     """The row's paired-bootstrap interval against its baseline, kept in the row's
     ``gain_ci.json`` (keyed by the metrics settings, the baseline's sample settings and the
     replicate count, so that assembling a table again, or from the small files alone,
-    does not redo it); None where it is not cached and the features are not at hand."""
+    does not redo it); None where it is not cached and the features are not on disk.
+    ``pools`` holds the features of the rows sampled in this run; the others' are read
+    here, only where the interval is computed, and kept in ``pools`` for the next row."""
+    def pool(spec: RowSpec):
+        if spec.name not in pools:
+            feats = complete_features(os.path.join(workdir, "rows", spec.slug), table.s)
+            pools[spec.name] = None if feats is None else feats["pool"]
+        return pools[spec.name]
+
     def compute():
-        a, b = pools.get(base.name), pools.get(row.name)
+        a, b = pool(base), pool(row)
         if a is None or b is None or a.shape != b.shape:
             return None
         return list(paired_bootstrap_gain(a, b, refstats, replicates=replicates))
