@@ -248,11 +248,14 @@ class ResampledFrechet:
     ``idx`` and tr Σ = (Σ_i ‖D_i‖² − m ‖x̄ − μ_ref‖²) / (m − 1); the nonzero eigenvalues
     of Σ_ref^½ Σ Σ_ref^½ are those of a covariance of projected features:
 
-    * fewer samples than dimensions (n < d): of C (D Σ_ref Dᵀ)[idx, idx] C / (m − 1)
-      (C: centring), one m × m eigenproblem (~10 ms against ~1.5 s at m = 256,
-      d = 2048, on two CPU cores);
-    * otherwise: of the covariance of (D R)[idx], with Σ_ref = R Rᵀ (R computed once), one
-      r × r eigenproblem (r = rank Σ_ref) and no d × d eigendecomposition per call.
+    * fewer samples than dimensions (n < d): of W^½ C (D Σ_ref Dᵀ)[u, u] Cᵀ W^½ / (m − 1)
+      over the k distinct indices u of ``idx`` with their counts W (C: centring weighted
+      by the counts), one k × k eigenproblem (a bootstrap resample holds k ≈ 0.63 m
+      distinct samples: a quarter of the m × m eigenproblem's cost; ~10 ms against
+      ~1.5 s for the d × d form at m = 256, d = 2048, on two CPU cores);
+    * otherwise: of the count-weighted covariance of (D R)[u], with Σ_ref = R Rᵀ (R
+      computed once), one r × r eigenproblem (r = rank Σ_ref) and no d × d
+      eigendecomposition per call.
     """
 
     def __init__(self, features, reference: "FeatureStats"):
@@ -276,20 +279,26 @@ class ResampledFrechet:
         if idx.ndim != 1 or idx.size < 2:
             raise ValueError(f"need a 1-d index array of length >= 2, got shape {idx.shape}")
         m = idx.size
+        # The statistics of features[idx] are those of its distinct rows u weighted by
+        # their counts w (Σ w = m): repeats add no rows to any matrix below.
+        u, w = np.unique(idx, return_counts=True)
+        w = w.astype(np.float64)
         if self._gram:
-            dd = self._dd[np.ix_(idx, idx)]
-            mean_sq = float(dd.sum()) / m**2
-            trace = (float(np.trace(dd)) - m * mean_sq) / (m - 1)
-            k = self._dsd[np.ix_(idx, idx)]
-            g = k - k.mean(0, keepdims=True) - k.mean(1, keepdims=True) + k.mean()
-            root_trace = _trace_sqrt_sym(g / (m - 1))
+            dd = self._dd[np.ix_(u, u)]
+            mean_sq = float(w @ dd @ w) / m**2
+            trace = (float(w @ np.diag(dd)) - m * mean_sq) / (m - 1)
+            k = self._dsd[np.ix_(u, u)]
+            kw = k @ w / m
+            g = k - kw[:, None] - kw[None, :] + float(w @ kw) / m
+            sw = np.sqrt(w)
+            root_trace = _trace_sqrt_sym(sw[:, None] * g * sw[None, :] / (m - 1))
         else:
-            mean = self._d[idx].mean(0)
+            mean = w @ self._d[u] / m
             mean_sq = float(mean @ mean)
-            trace = (float(self._sq[idx].sum()) - m * mean_sq) / (m - 1)
-            y = self._proj[idx]
-            y = y - y.mean(0)
-            root_trace = _trace_sqrt_sym(y.T @ y / (m - 1))
+            trace = (float(w @ self._sq[u]) - m * mean_sq) / (m - 1)
+            y = self._proj[u]
+            y = y - w @ y / m
+            root_trace = _trace_sqrt_sym(y.T @ (w[:, None] * y) / (m - 1))
         return mean_sq + trace + self._trace_ref - 2.0 * root_trace
 
 
