@@ -988,11 +988,14 @@ def load_saved_latent_model(directory: PathLike, *, sharding=None) -> LatentMode
 
 
 def load_latent_model(source: PathLike, setting: Optional[str] = None, **compvis_options) -> LatentModel:
-    """A :class:`LatentModel` from ``source``: a converted folder (``latent_model.json``),
-    a diffusers pipeline folder (``model_index.json``) or a single checkpoint file (then
-    ``setting`` is required; ``compvis_options`` go to :func:`load_compvis_checkpoint`).
-    A given ``setting`` must match the folder's."""
-    path = Path(source).expanduser()
+    """A :class:`LatentModel` from ``source``: a bundled model's name (``"fmnist-ldm"``),
+    a converted folder (``latent_model.json``), a diffusers pipeline folder
+    (``model_index.json``) or a single checkpoint file (then ``setting`` is required;
+    ``compvis_options`` go to :func:`load_compvis_checkpoint`). A given ``setting`` must
+    match the folder's."""
+    from iec_jax.models.loading import resolve_latent_source
+
+    path = Path(resolve_latent_source(str(source))).expanduser()
     if setting is not None:
         _spec(setting)
     if path.is_dir():

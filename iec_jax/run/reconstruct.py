@@ -30,10 +30,9 @@ def run(*, source: str, setting: str, dataset: str, split: str, workdir: str,
     from iec_jax import data, metrics
     from iec_jax.models.autoencoder import Autoencoder
     from iec_jax.models.ldm import load_latent_model
-    from iec_jax.models.loading import resolve_latent_source
 
     start = time.time()
-    model = load_latent_model(resolve_latent_source(source), setting)
+    model = load_latent_model(source, setting)
     data.prepare(dataset, download=False)
     images = data.load_images(dataset, split)  # uint8 NHWC
     h = images.shape[1]

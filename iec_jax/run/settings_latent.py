@@ -34,10 +34,9 @@ class LatentModelSettings:
 
             return smoke_model(self.setting)
         from iec_jax.models.ldm import load_latent_model
-        from iec_jax.models.loading import resolve_latent_source
 
         extra = dict(tokenizer=self.tokenizer) if self.tokenizer else {}
-        return load_latent_model(resolve_latent_source(self.source), self.setting, **extra)
+        return load_latent_model(self.source, self.setting, **extra)
 
 
 def latent_model_settings(cfg, field: str = "model") -> LatentModelSettings:
