@@ -229,3 +229,46 @@ def test_bench_batch_times_the_unet_and_refuses_bad_sizes(tmp_path):
         bench_batch.main(["--unet", "0"])
     with pytest.raises(SystemExit):
         bench_batch.main(["--inception", "64", "--images", "8"])
+
+
+def test_plot_gains_draws_the_paper_cells_of_table_csvs(tmp_path):
+    """experiments.plot_gains: the rows that carry a paper gain, with their intervals where
+    the csv has them (the latent Table 3 evidence: the same numbers as its result json);
+    bad tables refused with nothing written."""
+    import json
+
+    from iec_jax.run import gains
+
+    evidence = os.path.join(ROOT, "docs", "evidence", "ldm_10k")
+    result = {r["row"]: r for r in json.load(open(os.path.join(evidence, "table3_result.json")))["rows"]}
+    cells = gains.paper_cells(os.path.join(evidence, "table3.csv"))
+    assert [c["row"] for c in cells] == [r for r, v in result.items() if v["paper_gain"] and v["gain"] is not None]
+    for c in cells:
+        r = result[c["row"]]
+        assert c["gain"] == pytest.approx(r["gain"]) and c["paper_gain"] == pytest.approx(r["paper_gain"])
+        assert c["ci"] == pytest.approx(tuple(r["gain_ci95"]))
+    header = "row,FID,gain vs baseline,paper FID,paper gain"
+    old = tmp_path / "old.csv"  # no interval column: drawn without intervals
+    old.write_text(f"{header}\nFP,4.0,,4.19,0.0\nA,3.0,,x,0.0\nA + IEC,2.7,0.1,,0.2\n")
+    assert gains.paper_cells(str(old)) == [dict(row="A + IEC", gain=0.1, paper_gain=0.2, ci=None)]
+    out = tmp_path / "figs" / "gains.png"
+    rows = gains.plot_gains([("pixel", str(old)), ("latent", os.path.join(evidence, "table3.csv"))], str(out))
+    assert [r["group"] for r in rows] == ["pixel"] + ["latent"] * len(cells)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = {"no-column.csv": "row,FID\nA,1\n",
+           "bad-interval.csv": f"{header},gain 95% interval\nA + IEC,2.7,0.1,,0.2,(0.1\n",
+           "nan.csv": f"{header}\nA + IEC,2.7,nan,,0.2\n",
+           "no-cells.csv": f"{header}\nFP,4.0,,4.19,0.0\n"}
+    for name, text in bad.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match="column|interval|finite|paper gain"):
+            gains.plot_gains([("t", str(tmp_path / name))], str(tmp_path / f"{name}.png"))
+    with pytest.raises(ValueError, match="png"):
+        gains.plot_gains([("t", str(old))], str(tmp_path / "gains.pdf"))
+    for args in (["--out", str(tmp_path / "x.png"), "no-label"],
+                 ["--out", str(tmp_path / "x.png"), f"t={tmp_path / 'missing.csv'}"]):
+        done = subprocess.run([sys.executable, "-m", "experiments.plot_gains", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.strip().startswith("error: plot_gains"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [] and sorted(os.listdir(tmp_path / "figs")) == ["gains.png"]
