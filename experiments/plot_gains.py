@@ -6,7 +6,8 @@
 
 Each argument is LABEL=CSV, a table csv written by experiments.reproduce; the rows that
 carry a paper gain are drawn (with their 95% paired-bootstrap interval where the table has
-one) and listed on stdout. Bad input ends with one line on stderr and nothing written.
+one). It writes the --out PNG and prints the drawn rows as a markdown table. Bad input
+ends with one line on stderr and nothing written.
 All logic lives in iec_jax/run/gains.py.
 """
 
