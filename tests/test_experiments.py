@@ -249,7 +249,7 @@ def test_plot_gains_draws_the_paper_cells_of_table_csvs(tmp_path):
         assert c["ci"] == pytest.approx(tuple(r["gain_ci95"]))
     header = "row,FID,gain vs baseline,paper FID,paper gain"
     old = tmp_path / "old.csv"  # no interval column: drawn without intervals
-    old.write_text(f"{header}\nFP,4.0,,4.19,0.0\nA,3.0,,x,0.0\nA + IEC,2.7,0.1,,0.2\n")
+    old.write_text(f"{header}\nFP,4.0,,4.19,0.0\nA,3.0,,x,0.0\nB + IEC,3.1,0.05,,0.00\nA + IEC,2.7,0.1,,0.2\n")
     assert gains.paper_cells(str(old)) == [dict(row="A + IEC", gain=0.1, paper_gain=0.2, ci=None)]
     out = tmp_path / "figs" / "gains.png"
     rows = gains.plot_gains([("pixel", str(old)), ("latent", os.path.join(evidence, "table3.csv"))], str(out))
@@ -258,10 +258,11 @@ def test_plot_gains_draws_the_paper_cells_of_table_csvs(tmp_path):
     bad = {"no-column.csv": "row,FID\nA,1\n",
            "bad-interval.csv": f"{header},gain 95% interval\nA + IEC,2.7,0.1,,0.2,(0.1\n",
            "nan.csv": f"{header}\nA + IEC,2.7,nan,,0.2\n",
+           "bad-paper.csv": f"{header}\nA + IEC,2.7,0.1,,+36%\n",
            "no-cells.csv": f"{header}\nFP,4.0,,4.19,0.0\n"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(ValueError, match="column|interval|finite|paper gain"):
+        with pytest.raises(ValueError, match="column|interval|finite|not a number|paper gain"):
             gains.plot_gains([("t", str(tmp_path / name))], str(tmp_path / f"{name}.png"))
     with pytest.raises(ValueError, match="png"):
         gains.plot_gains([("t", str(old))], str(tmp_path / "gains.pdf"))

@@ -42,9 +42,10 @@ def paper_cells(path: str) -> list[dict]:
                              f" {', '.join(repr(c) for c in missing)})")
         out = []
         for line, r in enumerate(reader, start=2):
-            if r["paper gain"] in ("", "0.0", "0") or r["gain vs baseline"] == "":
-                continue  # no paper cell, or not evaluated against a baseline
             where = f"{path}:{line} ({r['row']})"
+            paper = r["paper gain"].strip()
+            if not paper or _number(paper, where) == 0.0 or r["gain vs baseline"] == "":
+                continue  # no paper cell (the writer puts 0), or no baseline to gain over
             ci = None
             text = (r.get("gain 95% interval") or "").strip()
             if text:
@@ -54,7 +55,7 @@ def paper_cells(path: str) -> list[dict]:
                     raise ValueError(f"{where}: the interval is not a pair of numbers: {text!r}") from None
                 ci = (lo, hi)
             out.append(dict(row=r["row"], gain=_number(r["gain vs baseline"], where),
-                            paper_gain=_number(r["paper gain"], where), ci=ci))
+                            paper_gain=_number(paper, where), ci=ci))
     return out
 
 

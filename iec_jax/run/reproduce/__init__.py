@@ -64,9 +64,10 @@ def _main_first(name: str, fn):
 
 def _evaluate_row(s, table, row, rowdir, started, refstats, mkey, budget_left: bool):
     """``(metrics, features or None, Progress)`` of a row, sampling and evaluating it
-    unless its metrics are cached (then without its features: what needs them reads them); None when it is not evaluated and out of time. In a
-    multi-process run the other processes return ``(None, None, None)`` after sampling
-    their shards: process 0 evaluates."""
+    unless its metrics are cached (then without its features: what needs them reads
+    them); None when it is not evaluated and out of time. In a multi-process run the
+    other processes return ``(None, None, None)`` after sampling their shards: process 0
+    evaluates."""
     m = read_cached(os.path.join(rowdir, "metrics.json"), mkey)
     if (m is not None and row.name == s.reference_row and budget_left
             and float_shards(rowdir, s).missing()):
