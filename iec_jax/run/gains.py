@@ -44,7 +44,8 @@ def paper_cells(path: str) -> list[dict]:
         for line, r in enumerate(reader, start=2):
             where = f"{path}:{line} ({r['row']})"
             paper = r["paper gain"].strip()
-            if not paper or _number(paper, where) == 0.0 or r["gain vs baseline"] == "":
+            paper = _number(paper, where) if paper else 0.0
+            if paper == 0.0 or r["gain vs baseline"] == "":
                 continue  # no paper cell (the writer puts 0), or no baseline to gain over
             ci = None
             text = (r.get("gain 95% interval") or "").strip()
@@ -55,7 +56,7 @@ def paper_cells(path: str) -> list[dict]:
                     raise ValueError(f"{where}: the interval is not a pair of numbers: {text!r}") from None
                 ci = (lo, hi)
             out.append(dict(row=r["row"], gain=_number(r["gain vs baseline"], where),
-                            paper_gain=_number(paper, where), ci=ci))
+                            paper_gain=paper, ci=ci))
     return out
 
 
