@@ -258,12 +258,14 @@ def test_plot_gains_draws_the_paper_cells_of_table_csvs(tmp_path):
     bad = {"no-column.csv": "row,FID\nA,1\n",
            "bad-interval.csv": f"{header},gain 95% interval\nA + IEC,2.7,0.1,,0.2,(0.1\n",
            "nan.csv": f"{header}\nA + IEC,2.7,nan,,0.2\n",
-           "bad-paper.csv": f"{header}\nA + IEC,2.7,0.1,,+36%\n",
            "no-cells.csv": f"{header}\nFP,4.0,,4.19,0.0\n"}
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(ValueError, match="column|interval|finite|not a number|paper gain"):
+        with pytest.raises(ValueError, match="column|interval|finite|paper gain"):
             gains.plot_gains([("t", str(tmp_path / name))], str(tmp_path / f"{name}.png"))
+    (tmp_path / "bad-paper.csv").write_text(f"{header}\nA + IEC,2.7,0.1,,+36%\n")
+    with pytest.raises(ValueError, match=r"bad-paper.csv:2 \(A \+ IEC\): not a number: '\+36%'"):
+        gains.plot_gains([("t", str(tmp_path / "bad-paper.csv"))], str(tmp_path / "bad-paper.png"))
     with pytest.raises(ValueError, match="png"):
         gains.plot_gains([("t", str(old))], str(tmp_path / "gains.pdf"))
     for args in (["--out", str(tmp_path / "x.png"), "no-label"],
