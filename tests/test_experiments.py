@@ -67,7 +67,8 @@ def _fake_workdir(root, rows=("FP",), unevaluated=("W8A8",)):
     """A table work directory with evaluated rows (small files and a sample shard),
     unevaluated ones (progress only), a table, a log and a calibration artifact."""
     for r in rows:
-        for name in ("metrics.json", "progress.json", "row.json", "samples/samples_00000.npz",
+        for name in ("metrics.json", "progress.json", "row.json", "l2_ode.json",
+                     "error_growth_ode.json", "samples/samples_00000.npz",
                      "features/features_00000.npz"):
             (root / "rows" / r / name).parent.mkdir(parents=True, exist_ok=True)
             (root / "rows" / r / name).write_text(f"{r} {name}")
@@ -93,10 +94,9 @@ def test_bundle_archive_keeps_the_small_files_of_evaluated_rows(tmp_path):
     with tarfile.open(out) as tar:
         names = sorted(tar.getnames())
         machine = tar.extractfile("machine.txt").read().decode()
-    assert names == ["machine.txt", "work/rows/DeepCache_N_10/metrics.json",
-                     "work/rows/DeepCache_N_10/progress.json", "work/rows/DeepCache_N_10/row.json",
-                     "work/rows/FP/metrics.json", "work/rows/FP/progress.json",
-                     "work/rows/FP/row.json", "work/run.log", "work/table1.md"]
+    small = ["error_growth_ode.json", "l2_ode.json", "metrics.json", "progress.json", "row.json"]
+    assert names == ["machine.txt", *[f"work/rows/DeepCache_N_10/{n}" for n in small],
+                     *[f"work/rows/FP/{n}" for n in small], "work/run.log", "work/table1.md"]
     assert "python" in machine and "jax" in machine
     picked = bundle.archive(str(work), str(tmp_path / "fp.tar.gz"), ["FP"])
     with tarfile.open(picked) as tar:

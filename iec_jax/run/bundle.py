@@ -30,8 +30,11 @@ __all__ = ["pack", "archive", "merge", "machine_description", "SMALL_FILES"]
 
 # What travels in an archive: every file with these suffixes or name endings.
 _SMALL_SUFFIXES = (".md", ".csv", ".png", ".log")
+# The ODE columns' caches (l2_ode.json, error_growth_ode.json) travel too: a merged row has
+# no samples to recompute them from.
 SMALL_FILES = ("_result.json", "_config.json", "progress.json", "row.json", "metrics.json",
-               "l2.json", "error_growth.json", "flops.json", "fid_inf.json", "gain_ci.json")
+               "l2.json", "error_growth.json", "flops.json", "fid_inf.json", "gain_ci.json",
+               "l2_ode.json", "error_growth_ode.json")
 
 
 def machine_description() -> str:
