@@ -60,6 +60,8 @@ CASES = [
     ("sample", LSAMPLE, ["--config.guidance.scale=inf"], "config.guidance.scale: must be a finite number, got inf"),
     ("reproduce", LTABLE, ["--config.ode.rtol=0"], "config.ode.rtol: must be a number > 0.0, got 0.0"),
     ("reproduce", LTABLE, ["--config.ode.atol=-1e-3"], "config.ode.atol: must be a number > 0.0"),
+    ("ode_tolerance", LTABLE, ["--config.ode.samples=0"],
+     "config.ode.samples: must be >= 1 (the samples to solve) for the tolerance check, got 0"),
     ("evaluate", EVAL, ["--config.eval.crop=-1"], "config.eval.crop: must be an integer >= 1"),
     ("evaluate", EVAL, ["--config.eval.dataset=imagenet"], "config.eval.dataset: must be"),
     ("evaluate", EVAL, ["--config.num_samples=0"], "config.num_samples: must be an integer >= 1"),

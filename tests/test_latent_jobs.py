@@ -90,3 +90,30 @@ def test_reconstruction_fid_of_the_bundled_autoencoder(tmp_path):
         assert f["arr_0"].shape == (16, 28, 28, 1) and f["arr_0"].dtype == np.uint8
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert json.loads((tmp_path / "result.json").read_text())["fid"] == out["fid"]
+
+
+def test_ode_tolerance_check_on_a_guided_model(tmp_path):
+    """experiments.ode_tolerance's job (random guided model): two solves 100 times apart in
+    tolerance differ by a small, non-zero distance; the FP row's samples, when its shards
+    are there, are measured against both (the triangle inequality holds); the result file
+    is what it returns; a factor <= 1 is refused before anything is solved."""
+    from iec_jax.run.reproduce import ode_ref
+    from iec_jax.run.reproduce.sampling import Table, float_shards
+
+    c = _config("imagenet", "table")
+    c.ode.samples = 2
+    c.ode.rtol = c.ode.atol = 1e-2  # a random model: loose tolerances keep the solves short
+    s = reproduce.table_settings(c)
+    with pytest.raises(ValueError, match="factor must be a finite number > 1"):
+        ode_ref.tolerance_check(s, str(tmp_path / "bad"), factor=1.0)
+    assert not (tmp_path / "bad").exists()
+    shards = float_shards(str(tmp_path / "rows" / "FP"), s)
+    shape = Table(s, str(tmp_path)).shape  # one sample's
+    shards.write(0, np.zeros((len(shards.indices(0)), *shape), np.float32))
+    out = ode_ref.tolerance_check(s, str(tmp_path))
+    assert out["samples"] == 2 and out["tolerances"] == [[1e-2, 1e-2], [1e-4, 1e-4]]
+    between = out["l2_between_solutions"]
+    a, b = out["reference_l2_to_solutions"]  # zeros: the mean norms of the two solutions
+    assert 0 < between < 0.1 * a
+    assert abs(a - b) <= between + 1e-9
+    assert json.loads((tmp_path / "imagenet_table_ode_tolerance.json").read_text()) == out

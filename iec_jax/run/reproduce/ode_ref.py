@@ -25,9 +25,11 @@ import numpy as np
 
 from iec_jax import pipeline
 from iec_jax.io import write_npz
-from iec_jax.run.reproduce.spec import RowSpec
+from iec_jax.run.reproduce.spec import RowSpec, table_settings
+from iec_jax.run.settings import ConfigError
 
-__all__ = ["ode_key", "ode_solution", "l2_to_ode", "ode_error_growth", "row_columns"]
+__all__ = ["ode_key", "ode_solution", "l2_to_ode", "ode_error_growth", "row_columns",
+           "tolerance_settings", "tolerance_check"]
 
 
 def ode_key(table, row: RowSpec) -> dict:
@@ -65,12 +67,24 @@ def _eps_fn(table, indices):
     return unet_denoiser(table.unet_config, table.model_key["dtype"])(table.params)
 
 
+def _solve(table, timesteps, rtol: float, atol: float, return_states: bool = False):
+    """The ODE solution of the table's first ``ode_samples`` samples (their x_T and
+    conditioning) from ``timesteps[0]``, by the table's solver at the given tolerances."""
+    from iec_jax.ode import probability_flow
+
+    s = table.s
+    indices = jnp.arange(s.ode_samples, dtype=jnp.uint32)
+    keys = pipeline.per_sample_keys(jax.random.key(s.seed), indices)
+    x_T, _ = pipeline.initial_noise(keys, table.shape)
+    return probability_flow(_eps_fn(table, indices), x_T, schedule=table.schedule,
+                            timesteps=timesteps, solver=s.ode_solver, rtol=rtol, atol=atol,
+                            return_states=return_states)
+
+
 def ode_solution(table, row: RowSpec) -> Optional[dict]:
     """``{"x0": (n, ...), "trajectory": (S, m, ...)}``: the ODE solution of the first n
     samples and its states at the row's timesteps for the first m trajectory samples
     (cached; computed on first use)."""
-    from iec_jax.ode import probability_flow
-
     s = table.s
     if not s.ode_samples:
         return None
@@ -80,10 +94,6 @@ def ode_solution(table, row: RowSpec) -> Optional[dict]:
         with np.load(path) as f:
             if json.loads(str(f["key"])) == json.loads(json.dumps(key)):
                 return dict(x0=f["x0"], trajectory=f["trajectory"])
-    n = s.ode_samples
-    indices = jnp.arange(n, dtype=jnp.uint32)
-    keys = pipeline.per_sample_keys(jax.random.key(s.seed), indices)
-    x_T, _ = pipeline.initial_noise(keys, table.shape)
     ts = table.timesteps(row)
     ref_ts = table.timesteps(s.reference)
     if ref_ts[0] == ts[0] and ref_ts[-1] == ts[-1]:
@@ -91,12 +101,10 @@ def ode_solution(table, row: RowSpec) -> Optional[dict]:
         # whichever row solves it first, so that a row on another grid (DDIM-110) gets no
         # error-growth curve rather than taking the trajectory from the others.
         ts = ref_ts
-    m = min(s.trajectory_samples, n)
+    m = min(s.trajectory_samples, s.ode_samples)
     # One solve: x_0 and, for the first m samples, the states at the row's timesteps (the
     # trajectory.npz layout); saving states does not change the solver's steps.
-    x0, states = probability_flow(_eps_fn(table, indices), x_T, schedule=table.schedule, timesteps=ts,
-                                  solver=s.ode_solver, rtol=s.ode_rtol, atol=s.ode_atol,
-                                  return_states=True)
+    x0, states = _solve(table, ts, s.ode_rtol, s.ode_atol, return_states=True)
     x0 = np.asarray(x0)
     trajectory = np.asarray(states[:, :m]) if m else np.zeros((0,))
     write_npz(path, x0=x0, trajectory=trajectory, key=json.dumps(key))
@@ -149,3 +157,53 @@ def row_columns(table, row: RowSpec, rowdir: str) -> tuple[Optional[float], Opti
 
     return (cached(os.path.join(rowdir, "l2_ode.json"), key, l2),
             cached(os.path.join(rowdir, "error_growth_ode.json"), key, curve))
+
+
+def tolerance_settings(config):
+    """:func:`table_settings` for :func:`tolerance_check`: ``ode.samples`` must be >= 1."""
+    s = table_settings(config)
+    if not s.ode_samples:
+        raise ConfigError("ode.samples", "must be >= 1 (the samples to solve) for the tolerance"
+                          " check", 0)
+    return s
+
+
+def tolerance_check(config, workdir: str, factor: float = 100.0) -> dict:
+    """How much of "L2 to ODE" is the reference's own error (``experiments/ode_tolerance.py``).
+
+    Solves the reference row's probability-flow ODE for the table's first ``ode.samples``
+    samples twice, in one batch each, by the table's solver: at the table's tolerances and
+    at tolerances ``factor`` times tighter. Reports the mean L2 between the two solutions
+    and, where the reference row's samples of those indices are in ``workdir``, their mean
+    L2 to each solution. An adaptive solver's batch shares one step-size controller, so a
+    solution depends on the batch it was solved in: compare solutions of equal
+    ``ode.samples``. Writes ``<workdir>/<table>_ode_tolerance.json``."""
+    import time
+
+    from iec_jax.io import write_json
+    from iec_jax.run.reproduce.sampling import Table, float_shards, say
+    from iec_jax.run.reproduce.scores import mean_l2
+
+    s = tolerance_settings(config)
+    if not (np.isfinite(factor) and factor > 1):
+        raise ValueError(f"factor must be a finite number > 1, got {factor}")
+    table = Table(s, workdir)
+    row = s.reference
+    ts = table.timesteps(row)
+    tols = [(s.ode_rtol, s.ode_atol), (s.ode_rtol / factor, s.ode_atol / factor)]
+    solutions, seconds = [], []
+    for rtol, atol in tols:
+        t0 = time.time()
+        solutions.append(np.asarray(_solve(table, ts, rtol, atol)))
+        seconds.append(time.time() - t0)
+        say(f"ODE solution of {s.ode_samples} samples at rtol {rtol:g}, atol {atol:g}", t0)
+    out = dict(table=s.table, row=row.name, samples=s.ode_samples, solver=s.ode_solver,
+               tolerances=[list(t) for t in tols], seconds=seconds,
+               l2_between_solutions=mean_l2(*solutions), reference_l2_to_solutions=None)
+    shards = float_shards(os.path.join(workdir, "rows", row.slug), s)
+    need = [k for k in range(shards.num_shards) if shards.indices(k)[0] < s.ode_samples]
+    if all(shards.is_complete(k) for k in need):
+        samples = shards.load(only=need)
+        out["reference_l2_to_solutions"] = [l2_to_ode(samples, dict(x0=x)) for x in solutions]
+    write_json(os.path.join(workdir, f"{s.table}_ode_tolerance.json"), out)
+    return out
