@@ -1,13 +1,14 @@
 """How much of a table's "L2 to ODE" is the ODE reference's own error.
 
   python -m experiments.ode_tolerance --config configs/fmnist_ldm/table1.py \
-      --workdir runs/ldm_10k --config.ode.samples=32
+      --workdir runs/ldm_10k --config.ode.samples=32 "--config.only=FP,W4A8"
 
 Solves the reference (FP) row's probability-flow ODE for the first ode.samples samples at
 the table's tolerances and at tolerances 100 times tighter, and reports the mean L2
-between the two solutions and, where the FP row's samples are in the work directory (a
-table run there), their mean L2 to each. Writes <table>_ode_tolerance.json to the workdir
-(see iec_jax/run/reproduce/ode_ref.py, tolerance_check).
+between the two solutions and, for each selected row whose samples are in the work
+directory (a table run there; choose rows with --config.only), their mean L2 to each.
+Writes <table>_ode_tolerance.json to the workdir (see iec_jax/run/reproduce/ode_ref.py,
+tolerance_check).
 """
 
 from iec_jax.io import use_all_cpu_cores

@@ -94,8 +94,8 @@ def test_reconstruction_fid_of_the_bundled_autoencoder(tmp_path):
 
 def test_ode_tolerance_check_on_a_guided_model(tmp_path):
     """experiments.ode_tolerance's job (random guided model): two solves 100 times apart in
-    tolerance differ by a small, non-zero distance; the FP row's samples, when its shards
-    are there, are measured against both (the triangle inequality holds); the result file
+    tolerance differ by a small, non-zero distance; a row's samples, when its shards are
+    there, are measured against both (the triangle inequality holds); the result file
     is what it returns; a factor <= 1 is refused before anything is solved."""
     from iec_jax.run.reproduce import ode_ref
     from iec_jax.run.reproduce.sampling import Table, float_shards
@@ -113,7 +113,8 @@ def test_ode_tolerance_check_on_a_guided_model(tmp_path):
     out = ode_ref.tolerance_check(s, str(tmp_path))
     assert out["samples"] == 2 and out["tolerances"] == [[1e-2, 1e-2], [1e-4, 1e-4]]
     between = out["l2_between_solutions"]
-    a, b = out["reference_l2_to_solutions"]  # zeros: the mean norms of the two solutions
+    assert list(out["l2_to_solutions"]) == ["FP"]  # the only row with samples here
+    a, b = out["l2_to_solutions"]["FP"]  # zeros: the mean norms of the two solutions
     assert 0 < between < 0.1 * a
     assert abs(a - b) <= between + 1e-9
     assert json.loads((tmp_path / "imagenet_table_ode_tolerance.json").read_text()) == out
