@@ -134,22 +134,28 @@ def ode_error_growth(trajectory_path: str, solution: dict) -> Optional[list]:
     return [float(v) for v in d.mean(1)]
 
 
+def _first_samples(rowdir: str, s) -> Optional[np.ndarray]:
+    """The row's samples of the shards holding its first ``ode_samples`` (None unless all
+    of those shards are here)."""
+    from iec_jax.run.reproduce.sampling import float_shards
+
+    shards = float_shards(rowdir, s)
+    need = [k for k in range(shards.num_shards) if shards.indices(k)[0] < s.ode_samples]
+    return shards.load(only=need) if all(shards.is_complete(k) for k in need) else None
+
+
 def row_columns(table, row: RowSpec, rowdir: str) -> tuple[Optional[float], Optional[list]]:
     """``(L2 to ODE, error growth against the ODE trajectory)`` of a row, each cached in
     the row's directory with :func:`ode_key`; None where the row's samples (or its
     trajectory) are not here (a row assembled from small files)."""
-    from iec_jax.run.reproduce.sampling import float_shards
     from iec_jax.run.reproduce.spec import cached
 
     s = table.s
     key = ode_key(table, row)
 
     def l2():
-        shards = float_shards(rowdir, s)
-        need = [k for k in range(shards.num_shards) if shards.indices(k)[0] < s.ode_samples]
-        if any(not shards.is_complete(k) for k in need):
-            return None
-        return l2_to_ode(shards.load(only=need), ode_solution(table, row))
+        samples = _first_samples(rowdir, s)
+        return None if samples is None else l2_to_ode(samples, ode_solution(table, row))
 
     def curve():
         traj = os.path.join(rowdir, "trajectory.npz")
@@ -183,7 +189,7 @@ def tolerance_check(config, workdir: str, factor: float = 100.0) -> dict:
     import time
 
     from iec_jax.io import write_json
-    from iec_jax.run.reproduce.sampling import Table, float_shards, say
+    from iec_jax.run.reproduce.sampling import Table, say
     from iec_jax.run.reproduce.scores import mean_l2
 
     s = tolerance_settings(config)
@@ -205,10 +211,8 @@ def tolerance_check(config, workdir: str, factor: float = 100.0) -> dict:
         grid = table.timesteps(row)
         if (grid[0], grid[-1]) != (ts[0], ts[-1]):  # another ODE problem (DDIM-200's first step)
             continue
-        shards = float_shards(os.path.join(workdir, "rows", row.slug), s)
-        need = [k for k in range(shards.num_shards) if shards.indices(k)[0] < s.ode_samples]
-        if all(shards.is_complete(k) for k in need):
-            samples = shards.load(only=need)
+        samples = _first_samples(os.path.join(workdir, "rows", row.slug), s)
+        if samples is not None:
             out["l2_to_solutions"][row.name] = [l2_to_ode(samples, dict(x0=x)) for x in solutions]
     write_json(os.path.join(workdir, f"{s.table}_ode_tolerance.json"), out)
     return out
