@@ -67,6 +67,12 @@ def _eps_fn(table, indices):
     return unet_denoiser(table.unet_config, table.model_key["dtype"])(table.params)
 
 
+def _reference_problem(table, row: RowSpec) -> bool:
+    """Whether the row's ODE problem is the reference row's (same first and last step)."""
+    ts, ref = table.timesteps(row), table.timesteps(table.s.reference)
+    return bool(ts[0] == ref[0] and ts[-1] == ref[-1])
+
+
 def _solve(table, timesteps, rtol: float, atol: float, return_states: bool = False):
     """The ODE solution of the table's first ``ode_samples`` samples (their x_T and
     conditioning) from ``timesteps[0]``, by the table's solver at the given tolerances."""
@@ -95,12 +101,11 @@ def ode_solution(table, row: RowSpec) -> Optional[dict]:
             if json.loads(str(f["key"])) == json.loads(json.dumps(key)):
                 return dict(x0=f["x0"], trajectory=f["trajectory"])
     ts = table.timesteps(row)
-    ref_ts = table.timesteps(s.reference)
-    if ref_ts[0] == ts[0] and ref_ts[-1] == ts[-1]:
+    if _reference_problem(table, row):
         # The same ODE problem (the key): its states are kept at the reference row's grid,
         # whichever row solves it first, so that a row on another grid (DDIM-110) gets no
         # error-growth curve rather than taking the trajectory from the others.
-        ts = ref_ts
+        ts = table.timesteps(s.reference)
     m = min(s.trajectory_samples, s.ode_samples)
     # One solve: x_0 and, for the first m samples, the states at the row's timesteps (the
     # trajectory.npz layout); saving states does not change the solver's steps.
@@ -208,8 +213,7 @@ def tolerance_check(config, workdir: str, factor: float = 100.0) -> dict:
                tolerances=[list(t) for t in tols], seconds=seconds,
                l2_between_solutions=mean_l2(*solutions), l2_to_solutions={})
     for row in s.selected:
-        grid = table.timesteps(row)
-        if (grid[0], grid[-1]) != (ts[0], ts[-1]):  # another ODE problem (DDIM-200's first step)
+        if not _reference_problem(table, row):  # another ODE problem (DDIM-200's first step)
             continue
         samples = _first_samples(os.path.join(workdir, "rows", row.slug), s)
         if samples is not None:
